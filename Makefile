@@ -1,0 +1,41 @@
+# Quick start: `make serve` in one terminal, then solve from another (see README).
+PYTHON ?= python3.11
+VENV ?= .venv
+BIN := $(VENV)/bin
+HOST ?= 127.0.0.1
+PORT ?= 50051
+METRICS_PORT ?= 9464
+DB ?= ./secant.db
+
+.PHONY: serve test install protos lint bench clean
+
+$(BIN)/python:
+	$(PYTHON) -m venv $(VENV)
+	$(BIN)/python -m pip install --quiet --upgrade pip
+
+# The stamp is rebuilt when the dependency lists change; torch comes from the pinned CPU wheel.
+$(VENV)/.installed-dev: $(BIN)/python pyproject.toml client/pyproject.toml
+	$(BIN)/python -m pip install --quiet -e '.[dev]'
+	touch $@
+
+install: $(VENV)/.installed-dev
+
+serve: install
+	$(BIN)/secant serve --host $(HOST) --port $(PORT) --metrics-port $(METRICS_PORT) --db $(DB)
+
+test: install
+	$(BIN)/python -m pytest -q -p no:cacheprovider
+
+protos: install
+	$(BIN)/python scripts/gen_protos.py
+
+lint: install
+	$(BIN)/ruff check .
+
+bench: install
+	OPENBLAS_NUM_THREADS=1 OMP_NUM_THREADS=1 MKL_NUM_THREADS=1 $(BIN)/python bench/solvers.py
+	$(BIN)/python bench/objectives.py
+	$(BIN)/python bench/service.py
+
+clean:
+	rm -rf $(VENV) build *.egg-info
