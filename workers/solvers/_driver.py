@@ -120,6 +120,7 @@ class Solve:
             bound_tensors = (-inf, inf)
         lower, upper = bound_tensors if bound_tensors is not None else (None, None)
         self.solver = build_solver(info, self.options, lower, upper)
+        self.solver.track_step_norm = self.options.termination.xtol > 0
         self.x0 = x0
         self.initial_state = initial_state
         self.should_stop = should_stop or (lambda: False)
@@ -130,15 +131,17 @@ class Solve:
     # -- termination ---------------------------------------------------------------------
     def _converged(self, state: SolveState) -> bool:
         term = self.options.termination
-        if self.solver.grad_norm(state) <= term.gtol:
+        if state.grad_norm <= term.gtol:
             return True
         if state.nit == 0:
             return False
         f, f_prev = float(state.f), state.f_prev
         if term.ftol > 0 and (f_prev - f) <= term.ftol * max(abs(f_prev), abs(f), 1.0):
             return True
+        if term.xtol <= 0:
+            return False
         x_scale = max(1.0, float(state.x.abs().max()))
-        return term.xtol > 0 and state.step_norm <= term.xtol * x_scale
+        return state.step_norm <= term.xtol * x_scale
 
     def run(self) -> Driven:
         started = time.perf_counter()
@@ -173,6 +176,7 @@ class Solve:
             state.nfev, state.njev = 1, int(ev.g is not None)
             if not ev.is_finite():
                 return self._result(state, Status.NON_FINITE, elapsed())
+            state.grad_norm = self.solver.grad_norm(state)
         status = None
         while status is None:
             state.elapsed_s = elapsed()
@@ -194,7 +198,8 @@ class Solve:
                 status = stop.status
                 break
             state.elapsed_s = elapsed()
-            if not (math.isfinite(float(state.f)) and bool(torch.isfinite(state.g).all())):
+            state.grad_norm = self.solver.grad_norm(state)  # NaN anywhere in g shows here
+            if not (math.isfinite(float(state.f)) and math.isfinite(state.grad_norm)):
                 status = Status.NON_FINITE
                 break
             if self.history is not None:
@@ -205,7 +210,7 @@ class Solve:
 
     def iterate_info(self, state: SolveState) -> IterateInfo:
         return IterateInfo(
-            nit=state.nit, x=state.x, f=float(state.f), grad_norm=self.solver.grad_norm(state),
+            nit=state.nit, x=state.x, f=float(state.f), grad_norm=state.grad_norm,
             step_size=state.step_size, nfev=state.nfev, njev=state.njev, nhev=state.nhev,
             elapsed_s=state.elapsed_s,
         )
