@@ -1,1 +1,45 @@
-"""secant SDK."""
+"""secant: optimization as a service. The Python SDK.
+
+Light by design (grpcio, protobuf, numpy); tqdm, matplotlib and pyyaml are optional extras
+imported only when used (``progress=True``, ``result.plot()``, the CLI's YAML specs).
+
+>>> import secant
+>>> with secant.Client("127.0.0.1:50051") as client:
+...     res = client.minimize("sum(100*(x[1:]-x[:-1]**2)**2 + (1-x[:-1])**2)", x0=[-1.2, 1.0])
+>>> res.x, res.fun, res.success
+"""
+
+from secant._aio import AsyncBatch, AsyncClient, AsyncJob
+from secant._client import Batch, Client, Job
+from secant._core import DEFAULT_ADDRESS, RetryPolicy, TLSConfig
+from secant._errors import SecantError
+from secant._problem import Bounds, Expression, Residual, build_problem
+from secant._result import IterateRecord, JobState, OptimizeResult, Status, plot_history
+from secant._tensors import from_tensor, to_tensor
+
+__version__ = "0.1.0"
+
+__all__ = [
+    "DEFAULT_ADDRESS",
+    "AsyncBatch",
+    "AsyncClient",
+    "AsyncJob",
+    "Batch",
+    "Bounds",
+    "Client",
+    "Expression",
+    "IterateRecord",
+    "Job",
+    "JobState",
+    "OptimizeResult",
+    "Residual",
+    "RetryPolicy",
+    "SecantError",
+    "Status",
+    "TLSConfig",
+    "__version__",
+    "build_problem",
+    "from_tensor",
+    "plot_history",
+    "to_tensor",
+]

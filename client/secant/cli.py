@@ -1,0 +1,300 @@
+"""The ``secant`` command line (every subcommand but ``serve``, which lives in service/).
+
+    secant solve SPEC.yaml              stream progress, print the result
+    secant jobs list [--state S] [--method M] [--batch B] [--limit N]
+    secant jobs show JOB | watch JOB | cancel JOB... | plot JOB -o conv.png
+
+Global flags (before or after the subcommand): --address (env SECANT_ADDRESS, default
+127.0.0.1:50051), --token (env SECANT_TOKEN), --tls, --root-cert PEM.
+Exit status: 0 done (solve: converged), 1 error, 2 usage, 3 solve ended without converging.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import sys
+from collections.abc import Sequence
+from typing import Any
+
+import numpy as np
+
+from secant._client import Client
+from secant._core import DEFAULT_ADDRESS, TLSConfig
+from secant._errors import SecantError
+from secant._result import IterateRecord, JobState, OptimizeResult, plot_history
+from secant._tensors import from_tensor, is_empty
+from secant.v1 import optimizer_pb2 as pb
+
+EXIT_OK, EXIT_ERROR, EXIT_USAGE, EXIT_NOT_CONVERGED = 0, 1, 2, 3
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    """Runs one CLI command; returns the exit status (does not call sys.exit)."""
+    parser = build_parser()
+    args = parser.parse_args(list(sys.argv[1:] if argv is None else argv))
+    if not getattr(args, "handler", None):
+        parser.print_help()
+        return EXIT_USAGE
+    try:
+        with _client(args) as client:
+            return args.handler(client, args)
+    except SecantError as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return EXIT_ERROR
+    except (ValueError, ImportError, OSError) as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return EXIT_ERROR
+    except KeyboardInterrupt:
+        return 130
+
+
+def main_entry() -> None:
+    """Console-script entry point of the SDK-only install (``serve`` needs the server)."""
+    sys.exit(main())
+
+
+def build_parser() -> argparse.ArgumentParser:
+    # Connection flags work before or after the subcommand: the subparsers share a parent
+    # whose defaults are SUPPRESSed so a later level never overwrites an earlier value.
+    connection = argparse.ArgumentParser(add_help=False)
+    connection.add_argument(
+        "--address", default=argparse.SUPPRESS, help="gateway host:port (env SECANT_ADDRESS)"
+    )
+    connection.add_argument(
+        "--token", default=argparse.SUPPRESS, help="bearer token (env SECANT_TOKEN)"
+    )
+    connection.add_argument("--tls", action="store_true", default=argparse.SUPPRESS, help="use TLS")
+    connection.add_argument(
+        "--root-cert", default=argparse.SUPPRESS, help="CA bundle (PEM) for TLS"
+    )
+
+    parser = argparse.ArgumentParser(
+        prog="secant", parents=[connection], description=__doc__,
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )  # fmt: skip
+    commands = parser.add_subparsers(dest="command", metavar="COMMAND")
+
+    solve = commands.add_parser("solve", parents=[connection], help="solve a YAML/JSON spec")
+    solve.add_argument("spec", help="problem spec file (see examples/ and docs/sdk.md)")
+    solve.add_argument("-q", "--quiet", action="store_true", help="no progress bar")
+    solve.add_argument("--json", action="store_true", help="print the result as JSON")
+    solve.add_argument("--detach", action="store_true", help="submit, print the job id, exit")
+    solve.add_argument("--timeout", type=float, default=None, help="give up waiting after S s")
+    solve.set_defaults(handler=_solve)
+
+    jobs = commands.add_parser("jobs", parents=[connection], help="list and manage jobs")
+    job_commands = jobs.add_subparsers(dest="jobs_command", metavar="ACTION")
+
+    listing = job_commands.add_parser("list", parents=[connection], help="list jobs")
+    listing.add_argument("--state", help="queued|running|succeeded|failed|cancelled")
+    listing.add_argument("--method")
+    listing.add_argument("--batch", dest="batch_id")
+    listing.add_argument("--limit", type=int, default=50, help="at most N rows (0: all)")
+    listing.set_defaults(handler=_jobs_list)
+
+    show = job_commands.add_parser("show", parents=[connection], help="one job's record")
+    show.add_argument("job_id")
+    show.add_argument("--json", action="store_true")
+    show.set_defaults(handler=_jobs_show)
+
+    watch = job_commands.add_parser("watch", parents=[connection], help="follow a job's events")
+    watch.add_argument("job_id")
+    watch.add_argument("--after-seq", type=int, default=0, help="replay events after this seq")
+    watch.set_defaults(handler=_jobs_watch)
+
+    cancel = job_commands.add_parser("cancel", parents=[connection], help="cancel jobs")
+    cancel.add_argument("job_ids", nargs="+")
+    cancel.set_defaults(handler=_jobs_cancel)
+
+    plot = job_commands.add_parser("plot", parents=[connection], help="convergence plot (PNG)")
+    plot.add_argument("job_id")
+    plot.add_argument("-o", "--output", default="conv.png", help="image path (default conv.png)")
+    plot.set_defaults(handler=_jobs_plot)
+    return parser
+
+
+def _client(args: argparse.Namespace) -> Client:
+    address = getattr(args, "address", None) or os.environ.get("SECANT_ADDRESS") or DEFAULT_ADDRESS
+    token = getattr(args, "token", None) or os.environ.get("SECANT_TOKEN") or None
+    tls: bool | TLSConfig | None = None
+    if getattr(args, "root_cert", None):
+        tls = TLSConfig(root_certificates=args.root_cert)
+    elif getattr(args, "tls", False):
+        tls = True
+    return Client(address, token=token, tls=tls)
+
+
+# -- solve ---------------------------------------------------------------------------------
+
+
+def _solve(client: Client, args: argparse.Namespace) -> int:
+    from secant._spec import SpecError, load_spec
+
+    try:
+        kwargs = load_spec(args.spec)
+    except SpecError as exc:
+        print(f"error: {args.spec}: {exc}", file=sys.stderr)
+        return EXIT_USAGE
+    if args.detach:
+        job = client.submit(**kwargs)
+        print(job.id)
+        return EXIT_OK
+    show_progress = not (args.quiet or args.json) and sys.stderr.isatty()
+    result = client.minimize(**kwargs, progress=show_progress, timeout=args.timeout)
+    if not show_progress and not (args.quiet or args.json):
+        _print_history_summary(result.history)
+    print(_result_json(result) if args.json else _result_text(result))
+    return EXIT_OK if result.success else EXIT_NOT_CONVERGED
+
+
+def _print_history_summary(history: list[IterateRecord]) -> None:
+    # Not a terminal (CI logs, pipes): a few lines instead of a redrawn bar.
+    step = max(1, len(history) // 10)
+    for record in history[::step]:
+        print(f"iter {record.nit:6d}  f {record.f: .10e}  |g| {record.grad_norm:.3e}")
+
+
+def _result_text(result: OptimizeResult) -> str:
+    return repr(result)
+
+
+def _result_json(result: OptimizeResult) -> str:
+    plain = {k: _jsonable(v) for k, v in result.items() if k != "history"}
+    plain["history_length"] = len(result.get("history", []))
+    return json.dumps(plain, indent=2)
+
+
+def _jsonable(value: Any) -> Any:
+    if isinstance(value, np.ndarray):
+        return value.tolist()
+    if isinstance(value, np.generic):
+        return value.item()
+    return value
+
+
+# -- jobs ----------------------------------------------------------------------------------
+
+
+def _jobs_list(client: Client, args: argparse.Namespace) -> int:
+    rows = [("JOB", "STATE", "METHOD", "N", "BATCH", "CREATED", "FUN")]
+    for count, job in enumerate(client.jobs(args.state, args.method, args.batch_id), start=1):
+        info = job.info
+        fun = f"{info.result.fun:.6g}" if info.HasField("result") else "-"
+        rows.append(
+            (
+                info.job_id,
+                str(JobState.parse(info.state)),
+                info.method,
+                str(info.n),
+                info.batch_id or "-",
+                _timestamp(info, "created"),
+                fun,
+            )
+        )
+        if args.limit and count >= args.limit:
+            break
+    widths = [max(len(row[i]) for row in rows) for i in range(len(rows[0]))]
+    for row in rows:
+        print(
+            "  ".join(cell.ljust(width) for cell, width in zip(row, widths, strict=True)).rstrip()
+        )
+    return EXIT_OK
+
+
+def _jobs_show(client: Client, args: argparse.Namespace) -> int:
+    info = client.get_job(args.job_id).info
+    if args.json:
+        from google.protobuf.json_format import MessageToJson
+
+        print(MessageToJson(info))
+        return EXIT_OK
+    fields = [
+        ("job", info.job_id),
+        ("state", str(JobState.parse(info.state))),
+        ("kind", info.kind or "solve"),
+        ("method", info.method),
+        ("n", str(info.n)),
+        ("batch", info.batch_id or "-"),
+        ("created", _timestamp(info, "created")),
+        ("started", _timestamp(info, "started")),
+        ("finished", _timestamp(info, "finished")),
+        ("events", str(info.last_seq)),
+    ]
+    fields += [(f"label {k}", v) for k, v in sorted(info.labels.items())]
+    for name, value in fields:
+        print(f"{name:>10}: {value}")
+    if info.HasField("result"):
+        print(repr(OptimizeResult.from_proto(info.result, job_id=info.job_id)))
+    if info.HasField("failure"):
+        print(f"   failure: {info.failure.code}: {info.failure.message}")
+    return EXIT_OK
+
+
+def _jobs_watch(client: Client, args: argparse.Namespace) -> int:
+    for event in client.watch(args.job_id, after_seq=args.after_seq):
+        print(format_event(event), flush=True)
+    return EXIT_OK
+
+
+def _jobs_cancel(client: Client, args: argparse.Namespace) -> int:
+    for job_id in args.job_ids:
+        job = client.cancel(job_id)
+        print(f"{job.id}  {job.state}")
+    return EXIT_OK
+
+
+def _jobs_plot(client: Client, args: argparse.Namespace) -> int:
+    # Replays every stored event (Watch after_seq=0): the same history a live caller saw.
+    job = client.get_job(args.job_id)
+    history: list[IterateRecord] = []
+    for event in job.events(after_seq=0):
+        if event.WhichOneof("kind") == "iterate":
+            history.append(IterateRecord.from_proto(event.iterate))
+    if not history:
+        print(f"error: job {args.job_id} has no iterate events to plot", file=sys.stderr)
+        return EXIT_ERROR
+    plot_history(history, path=args.output, title=f"job {args.job_id} ({job.info.method})")
+    print(f"wrote {args.output} ({len(history)} iterations)")
+    return EXIT_OK
+
+
+def format_event(event: pb.JobEvent) -> str:
+    """One line per event, for ``jobs watch`` and logs."""
+    kind = event.WhichOneof("kind")
+    head = f"{event.seq:6d} {kind or 'event':<12}"
+    if kind == "accepted":
+        a = event.accepted
+        return f"{head} state={JobState.parse(a.state)} method={a.method} n={a.n}"
+    if kind == "iterate":
+        it = event.iterate
+        text = (
+            f"{head} iter={it.iteration} f={it.f:.10e} gnorm={it.grad_norm:.3e} "
+            f"step={it.step_size:.3g} nfev={it.nfev} t={it.elapsed_s:.3f}s"
+        )
+        if not is_empty(it.x):
+            text += f" x={np.array2string(from_tensor(it.x), threshold=6, precision=4)}"
+        return text
+    if kind == "result":
+        r = event.result
+        return f"{head} success={r.success} fun={r.fun:.10e} nit={r.nit} message={r.message!r}"
+    if kind == "failure":
+        return f"{head} {event.failure.code}: {event.failure.message}"
+    if kind == "state_change":
+        change = event.state_change
+        return f"{head} state={JobState.parse(change.state)} {change.reason}".rstrip()
+    if kind == "metrics":
+        values = " ".join(f"{k}={v:.4g}" for k, v in sorted(event.metrics.values.items()))
+        return f"{head} step={event.metrics.step} {values}"
+    return head
+
+
+def _timestamp(info: pb.Job, field: str) -> str:
+    if not info.HasField(field):
+        return "-"
+    return getattr(info, field).ToDatetime().strftime("%Y-%m-%d %H:%M:%S")
+
+
+if __name__ == "__main__":
+    main_entry()
