@@ -3,8 +3,8 @@
 from __future__ import annotations
 
 import pytest
-from secant.v1 import optimizer_pb2 as pb
 
+from secant.v1 import optimizer_pb2 as pb
 from service.store import InMemoryJobStore, NewJob, SQLiteJobStore
 
 

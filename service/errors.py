@@ -1,0 +1,75 @@
+"""The one place where domain errors become gRPC status codes.
+
+Servicer methods raise plain domain exceptions; `grpc_errors` (unary) and
+`grpc_stream_errors` (server streaming) turn them into a status with the exception's message.
+Anything unexpected is INTERNAL with a generic message: the traceback goes to the log, never
+to the caller.
+"""
+
+from __future__ import annotations
+
+import functools
+import logging
+from collections.abc import AsyncIterator, Awaitable, Callable
+
+import grpc
+
+log = logging.getLogger("secant.errors")
+
+
+class LimitExceeded(Exception):
+    """A request is larger than this server allows (dimension, expression, jobs in flight)."""
+
+
+class JobNotFound(LookupError):
+    def __init__(self, job_id: str) -> None:
+        super().__init__(f"job_id: no job {job_id!r}")
+        self.job_id = job_id
+
+
+def status_for(exc: BaseException) -> tuple[grpc.StatusCode, str]:
+    """Maps a domain exception to (status code, message for the caller)."""
+    # Order matters: ObjectiveError is a ValueError; UntrustedCodeError a PermissionError.
+    if isinstance(exc, LimitExceeded):
+        return grpc.StatusCode.RESOURCE_EXHAUSTED, str(exc)
+    if isinstance(exc, JobNotFound):
+        return grpc.StatusCode.NOT_FOUND, str(exc)
+    if isinstance(exc, PermissionError):
+        return grpc.StatusCode.PERMISSION_DENIED, str(exc) or "permission denied"
+    if isinstance(exc, ValueError):
+        return grpc.StatusCode.INVALID_ARGUMENT, str(exc) or "invalid argument"
+    return grpc.StatusCode.INTERNAL, "internal error (logged on the server)"
+
+
+async def _abort(context: grpc.aio.ServicerContext, exc: Exception, method: str) -> None:
+    code, message = status_for(exc)
+    if code is grpc.StatusCode.INTERNAL:
+        log.exception("unexpected error in %s", method, exc_info=exc)
+    await context.abort(code, message)
+
+
+def grpc_errors(method: Callable[..., Awaitable]) -> Callable[..., Awaitable]:
+    @functools.wraps(method)
+    async def wrapper(self, request, context):
+        try:
+            return await method(self, request, context)
+        except grpc.aio.AbortError:
+            raise
+        except Exception as exc:
+            await _abort(context, exc, method.__name__)
+
+    return wrapper
+
+
+def grpc_stream_errors(method: Callable[..., AsyncIterator]) -> Callable[..., AsyncIterator]:
+    @functools.wraps(method)
+    async def wrapper(self, request, context):
+        try:
+            async for item in method(self, request, context):
+                yield item
+        except grpc.aio.AbortError:
+            raise
+        except Exception as exc:
+            await _abort(context, exc, method.__name__)
+
+    return wrapper

@@ -1,0 +1,510 @@
+"""The job lifecycle: queued -> running -> succeeded | failed | cancelled.
+
+`JobManager` owns every live job of this gateway. A job is committed to the store (with its
+`accepted` event, seq 1) before its id is returned. Its task then leases a warm worker from the
+Scheduler (the wait is the queue), streams the worker's events through Ray's streaming
+generator (the one channel), numbers them, appends them to the job's in-memory log, hands them
+to every watcher, and queues them for the store. Iterate events reach the store in batched
+transactions (every `flush_interval_s`), so hundreds of concurrent solves cost a few commits a
+second; a job's final event is committed before any watcher sees it, so a client that got the
+result can always read it back.
+
+Watch replays the in-memory log of a live job (complete from seq 1), or the store's events of
+a finished one, then follows live. Cancel asks the worker to stop (the solver checks before
+every evaluation) and, should the worker not answer within `cancel_grace_s`, ends the job
+itself with the last iterate it saw and replaces the worker process.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+import time
+import uuid
+from collections.abc import AsyncIterator, Sequence
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass, field
+
+import numpy as np
+
+from secant.v1 import optimizer_pb2 as pb
+from service.errors import JobNotFound, LimitExceeded
+from service.metrics import Metrics
+from service.scheduler import Scheduler
+from service.store import TERMINAL_STATES, JobPage, JobStore, NewJob
+from service.validation import Limits, SolveSpec
+from workers.runner import FailureEvent, IterateEvent, ResultEvent
+
+log = logging.getLogger("secant.jobs")
+
+_STATUS = {
+    "CONVERGED": pb.CONVERGED,
+    "MAX_ITERATIONS": pb.MAX_ITERATIONS,
+    "MAX_EVALUATIONS": pb.MAX_EVALUATIONS,
+    "LINE_SEARCH_FAILED": pb.LINE_SEARCH_FAILED,
+    "NON_FINITE": pb.NON_FINITE,
+    "CANCELLED": pb.CANCELLED_BY_USER,
+    "TIME_LIMIT": pb.TIME_LIMIT,
+}
+_WIRE_FLOAT = {np.dtype("float64"): pb.FLOAT64, np.dtype("float32"): pb.FLOAT32}
+
+
+def encode_tensor(array: np.ndarray) -> pb.Tensor:
+    array = np.asarray(array)
+    if array.dtype not in _WIRE_FLOAT:
+        array = array.astype(np.float64)
+    return pb.Tensor(
+        shape=list(array.shape),
+        dtype=_WIRE_FLOAT[array.dtype],
+        data=array.astype(array.dtype.newbyteorder("<"), copy=False).tobytes(),
+    )
+
+
+def _now(timestamp) -> None:
+    timestamp.FromNanoseconds(time.time_ns())
+
+
+def _copy(message):
+    clone = type(message)()
+    clone.CopyFrom(message)
+    return clone
+
+
+@dataclass(eq=False)
+class _LiveJob:
+    job: pb.Job
+    spec: SolveSpec
+    submitted: float  # monotonic
+    events: list[pb.JobEvent]  # the whole log, seq 1.. (events[i].seq == i + 1)
+    watchers: set[asyncio.Queue] = field(default_factory=set)
+    task: asyncio.Task | None = None
+    worker: object | None = None
+    cancel_requested: bool = False
+    last_iterate: pb.Iterate | None = None
+    last_x: pb.Tensor | None = None
+
+
+class JobManager:
+    def __init__(
+        self,
+        store: JobStore,
+        scheduler: Scheduler,
+        metrics: Metrics,
+        limits: Limits,
+        *,
+        trusted: bool = False,
+        flush_interval_s: float = 0.02,
+        cancel_grace_s: float = 1.5,
+    ) -> None:
+        self._store = store
+        self._scheduler = scheduler
+        self._metrics = metrics
+        self._limits = limits
+        self._trusted = trusted
+        self._flush_interval_s = flush_interval_s
+        self._cancel_grace_s = cancel_grace_s
+        self._db = ThreadPoolExecutor(max_workers=1, thread_name_prefix="secant-db")
+        self._live: dict[str, _LiveJob] = {}
+        self._reserved = 0
+        self._pending_events: list[pb.JobEvent] = []
+        self._dirty: dict[str, _LiveJob] = {}
+        self._flush_lock = asyncio.Lock()
+        self._flusher: asyncio.Task | None = None
+        self._stopping = False
+        self._background: set[asyncio.Task] = set()
+
+    async def _in_db(self, fn, *args, **kwargs):
+        return await asyncio.get_running_loop().run_in_executor(
+            self._db, lambda: fn(*args, **kwargs)
+        )
+
+    # -- lifecycle of the manager ----------------------------------------------------------
+
+    async def start(self) -> int:
+        """Settles jobs a previous gateway left unfinished; returns how many."""
+        settled = await self._in_db(self._fail_unfinished)
+        self._flusher = asyncio.create_task(self._flush_periodically(), name="secant-flusher")
+        return settled
+
+    def _fail_unfinished(self) -> int:
+        # Durable rescheduling is a later issue: for now a job that was queued or running when
+        # its gateway died ends FAILED, with the reason and its events kept.
+        jobs, events = [], []
+        for job in self._store.unfinished_jobs():
+            was = pb.JobState.Name(job.state).lower()
+            failure = pb.Failure(
+                code="UNAVAILABLE",
+                message=f"gateway restarted while the job was {was}; submit it again",
+            )
+            job.state = pb.FAILED
+            job.failure.CopyFrom(failure)
+            _now(job.finished)
+            job.last_seq += 1
+            event = pb.JobEvent(job_id=job.job_id, seq=job.last_seq, failure=failure)
+            _now(event.time)
+            jobs.append(job)
+            events.append(event)
+            log.warning("job failed: gateway restarted", extra={"job_id": job.job_id})
+        self._store.write(jobs, events)
+        return len(jobs)
+
+    async def stop(self) -> None:
+        """Ends what is still live as FAILED (the gateway is going away) and flushes."""
+        self._stopping = True
+        for live in list(self._live.values()):
+            if live.task is not None:
+                live.task.cancel()
+        tasks = [live.task for live in self._live.values() if live.task is not None]
+        if tasks:
+            await asyncio.gather(*tasks, return_exceptions=True)
+        if self._flusher is not None:
+            self._flusher.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await self._flusher
+        await self._flush()
+        self._db.shutdown(wait=True)
+
+    # -- submitting ------------------------------------------------------------------------
+
+    async def submit(
+        self, spec: SolveSpec, problem: pb.Problem, *, idempotency_key: str = ""
+    ) -> pb.Job:
+        jobs = await self._create([(spec, problem)], batch_id="", idempotency_key=idempotency_key)
+        return jobs[0]
+
+    async def submit_batch(
+        self, items: Sequence[tuple[SolveSpec, pb.Problem]]
+    ) -> tuple[str, list[pb.Job]]:
+        batch_id = uuid.uuid4().hex
+        return batch_id, await self._create(items, batch_id=batch_id)
+
+    async def _create(self, items, *, batch_id: str, idempotency_key: str = "") -> list[pb.Job]:
+        for spec, _ in items:
+            self._scheduler.check_capacity(spec.device)
+        if self._stopping:
+            raise LimitExceeded("the gateway is shutting down")
+        in_flight = len(self._live) + self._reserved
+        if in_flight + len(items) > self._limits.max_concurrent_jobs:
+            raise LimitExceeded(
+                f"{in_flight} jobs are queued or running; this server takes at most"
+                f" {self._limits.max_concurrent_jobs} (--max-concurrent-jobs)"
+            )
+        self._reserved += len(items)
+        try:
+            new_jobs, lives = [], []
+            for spec, problem in items:
+                job = pb.Job(
+                    job_id=uuid.uuid4().hex,
+                    state=pb.QUEUED,
+                    method=spec.method,
+                    n=spec.n,
+                    batch_id=batch_id,
+                    labels=spec.labels,
+                    kind="solve",
+                    last_seq=1,
+                )
+                _now(job.created)
+                accepted = pb.JobEvent(
+                    job_id=job.job_id,
+                    seq=1,
+                    accepted=pb.Accepted(
+                        state=pb.QUEUED, method=spec.method, n=spec.n, batch_id=batch_id
+                    ),
+                )
+                accepted.time.CopyFrom(job.created)
+                new_jobs.append(
+                    NewJob(job, problem.SerializeToString(), idempotency_key, [accepted])
+                )
+                lives.append(_LiveJob(job, spec, time.monotonic(), [accepted]))
+            stored = await self._in_db(self._store.create_jobs, new_jobs)
+        finally:
+            self._reserved -= len(items)
+        results = []
+        for live, job in zip(lives, stored, strict=True):
+            if job.job_id != live.job.job_id:  # an idempotent retry: the first job stands
+                first = self._live.get(job.job_id)
+                results.append(_copy(first.job) if first is not None else job)
+                continue
+            self._live[job.job_id] = live
+            live.task = asyncio.create_task(self._run(live), name=f"job-{job.job_id}")
+            self._metrics.jobs_submitted.labels(live.spec.method).inc()
+            log.info(
+                "job queued",
+                extra={"job_id": job.job_id, "method": job.method, "n": job.n,
+                       "batch_id": batch_id},
+            )
+            results.append(_copy(live.job))
+        return results
+
+    # -- running ---------------------------------------------------------------------------
+
+    async def _run(self, live: _LiveJob) -> None:
+        job_id = live.job.job_id
+        try:
+            async with self._scheduler.lease(live.spec.device) as worker:
+                live.worker = worker
+                live.job.state = pb.RUNNING
+                _now(live.job.started)
+                self._emit(live, state_change=pb.StateChange(state=pb.RUNNING))
+                log.info("job running", extra={"job_id": job_id})
+                run_spec = live.spec.run_spec(job_id, trusted=self._trusted)
+                async for batch in self._scheduler.stream(worker, run_spec):
+                    for event in batch:
+                        await self._on_worker_event(live, event)
+                    if live.job.state in TERMINAL_STATES:
+                        break
+            if live.job.state not in TERMINAL_STATES:
+                await self._finish_failed(live, "INTERNAL", "the worker ended without a result")
+        except asyncio.CancelledError:
+            if live.job.state in TERMINAL_STATES:
+                return
+            if live.cancel_requested:
+                await self._finish_cancelled(live)
+            else:
+                await self._finish_failed(
+                    live, "UNAVAILABLE", "the gateway shut down while the job was "
+                    + pb.JobState.Name(live.job.state).lower()
+                )
+        except Exception:
+            log.exception("job failed in the gateway", extra={"job_id": job_id})
+            if live.job.state not in TERMINAL_STATES:
+                await self._finish_failed(live, "INTERNAL", "the job's worker failed")
+        finally:
+            live.worker = None
+
+    async def _on_worker_event(self, live: _LiveJob, event) -> None:
+        if isinstance(event, IterateEvent):
+            iterate = pb.Iterate(
+                iteration=event.iteration,
+                f=event.f,
+                grad_norm=event.grad_norm,
+                step_size=event.step_size,
+                nfev=event.nfev,
+                njev=event.njev,
+                elapsed_s=event.elapsed_s,
+            )
+            if event.x is not None:
+                iterate.x.CopyFrom(encode_tensor(event.x))
+                live.last_x = iterate.x
+            live.last_iterate = iterate
+            self._emit(live, iterate=iterate)
+        elif isinstance(event, ResultEvent):
+            result = pb.Result(
+                x=encode_tensor(event.x),
+                fun=event.fun,
+                jac=encode_tensor(event.jac),
+                nit=event.nit,
+                nfev=event.nfev,
+                njev=event.njev,
+                nhev=event.nhev,
+                status=_STATUS.get(event.status, pb.SOLVE_STATUS_UNSPECIFIED),
+                success=event.success,
+                message=event.message,
+                solve_time_s=event.solve_time_s,
+            )
+            if event.success:
+                state = pb.SUCCEEDED
+            elif result.status == pb.CANCELLED_BY_USER:
+                state = pb.CANCELLED
+            else:
+                state = pb.FAILED
+            await self._finish(live, state, result=result)
+        elif isinstance(event, FailureEvent):
+            await self._finish_failed(live, event.code, event.message)
+
+    def _emit(self, live: _LiveJob, *, fan_out: bool = True, **kind) -> pb.JobEvent:
+        live.job.last_seq += 1
+        event = pb.JobEvent(job_id=live.job.job_id, seq=live.job.last_seq, **kind)
+        _now(event.time)
+        live.events.append(event)
+        self._pending_events.append(event)
+        self._dirty[live.job.job_id] = live
+        if fan_out:
+            for queue in live.watchers:
+                queue.put_nowait(event)
+        return event
+
+    async def _finish(
+        self,
+        live: _LiveJob,
+        state: int,
+        *,
+        result: pb.Result | None = None,
+        failure: pb.Failure | None = None,
+        state_change: pb.StateChange | None = None,
+    ) -> None:
+        job = live.job
+        if job.state in TERMINAL_STATES:
+            return
+        job.state = state
+        _now(job.finished)
+        wall = time.monotonic() - live.submitted
+        if result is not None:
+            result.wall_time_s = wall
+            job.result.CopyFrom(result)
+            final = self._emit(live, fan_out=False, result=result)
+        elif failure is not None:
+            job.failure.CopyFrom(failure)
+            final = self._emit(live, fan_out=False, failure=failure)
+        else:
+            final = self._emit(live, fan_out=False, state_change=state_change)
+        # Durable before anyone hears of it: a client that saw the end can read it back.
+        await self._flush()
+        for queue in live.watchers:
+            queue.put_nowait(final)
+            queue.put_nowait(None)
+        self._live.pop(job.job_id, None)
+        self._record_finish(live, wall)
+
+    def _record_finish(self, live: _LiveJob, wall: float) -> None:
+        job, method, m = live.job, live.spec.method, self._metrics
+        state = pb.JobState.Name(job.state)
+        m.jobs_finished.labels(state, method).inc()
+        m.job_wall_time.labels(method).observe(wall)
+        if job.HasField("result"):
+            r = job.result
+            m.solve_duration.labels(method).observe(r.solve_time_s)
+            m.iterations.labels(method).observe(r.nit)
+            m.evaluations.labels(method, "f").inc(r.nfev)
+            m.evaluations.labels(method, "grad").inc(r.njev)
+            m.evaluations.labels(method, "hess").inc(r.nhev)
+        extra = {"job_id": job.job_id, "state": state, "wall_s": round(wall, 6)}
+        if job.HasField("result"):
+            extra.update(nit=job.result.nit, status=pb.SolveStatus.Name(job.result.status))
+        if job.HasField("failure"):
+            extra.update(code=job.failure.code, reason=job.failure.message)
+        log.info("job finished", extra=extra)
+
+    async def _finish_failed(self, live: _LiveJob, code: str, message: str) -> None:
+        await self._finish(live, pb.FAILED, failure=pb.Failure(code=code, message=message))
+
+    async def _finish_cancelled(self, live: _LiveJob) -> None:
+        """Ends a job the worker did not end itself: before it started, or a worker that did
+        not stop in time (then the result is the last iterate the gateway saw)."""
+        if live.last_iterate is None:
+            await self._finish(
+                live,
+                pb.CANCELLED,
+                state_change=pb.StateChange(
+                    state=pb.CANCELLED, reason="cancelled before it started"
+                ),
+            )
+            return
+        last = live.last_iterate
+        result = pb.Result(
+            fun=last.f,
+            nit=last.iteration,
+            nfev=last.nfev,
+            njev=last.njev,
+            status=pb.CANCELLED_BY_USER,
+            success=False,
+            message="The solve was cancelled; the worker did not stop in time, so this is"
+            " its last reported iterate.",
+            solve_time_s=last.elapsed_s,
+        )
+        if live.last_x is not None:
+            result.x.CopyFrom(live.last_x)
+        await self._finish(live, pb.CANCELLED, result=result)
+
+    # -- the store -------------------------------------------------------------------------
+
+    async def _flush(self) -> None:
+        async with self._flush_lock:
+            if not self._pending_events and not self._dirty:
+                return
+            events, self._pending_events = self._pending_events, []
+            jobs = [_copy(live.job) for live in self._dirty.values()]
+            self._dirty = {}
+            await self._in_db(self._store.write, jobs, events)
+
+    async def _flush_periodically(self) -> None:
+        while True:
+            await asyncio.sleep(self._flush_interval_s)
+            try:
+                await self._flush()
+            except Exception:
+                log.exception("writing job events to the store failed")
+
+    # -- reading ---------------------------------------------------------------------------
+
+    async def get(self, job_id: str) -> pb.Job:
+        live = self._live.get(job_id)
+        if live is not None:
+            return _copy(live.job)
+        job = await self._in_db(self._store.get_job, job_id)
+        if job is None:
+            raise JobNotFound(job_id)
+        return job
+
+    async def list(
+        self, *, state: int = 0, method: str = "", batch_id: str = "", page_size: int = 0,
+        page_token: str = "",
+    ) -> JobPage:
+        page = await self._in_db(
+            self._store.list_jobs, state=state, method=method, batch_id=batch_id,
+            page_size=page_size, page_token=page_token,
+        )
+        # The store lags live jobs by up to one flush interval; show the live record.
+        jobs = [_copy(self._live[j.job_id].job) if j.job_id in self._live else j for j in page.jobs]
+        return JobPage(jobs, page.next_page_token)
+
+    async def watch(self, job_id: str, after_seq: int = 0) -> AsyncIterator[pb.JobEvent]:
+        """Every event with seq > after_seq, then live ones until the job ends."""
+        if after_seq < 0:
+            raise ValueError(f"after_seq: must be >= 0, got {after_seq}")
+        live = self._live.get(job_id)
+        if live is None:
+            job = await self._in_db(self._store.get_job, job_id)
+            if job is None:
+                raise JobNotFound(job_id)
+            live = self._live.get(job_id)
+        if live is None:  # finished: everything is in the store
+            for event in await self._in_db(self._store.events, job_id, after_seq):
+                yield event
+            return
+        queue: asyncio.Queue = asyncio.Queue()
+        backlog = live.events[after_seq:]  # seq k sits at index k - 1
+        live.watchers.add(queue)
+        last_seq = after_seq
+        try:
+            for event in backlog:
+                last_seq = event.seq
+                yield event
+            while True:
+                event = await queue.get()
+                if event is None:
+                    return
+                if event.seq > last_seq:  # the final event may be both in backlog and queue
+                    last_seq = event.seq
+                    yield event
+        finally:
+            live.watchers.discard(queue)
+
+    # -- cancelling ------------------------------------------------------------------------
+
+    async def cancel(self, job_id: str) -> pb.Job:
+        live = self._live.get(job_id)
+        if live is None:
+            return await self.get(job_id)  # already ended (or unknown: NotFound)
+        if not live.cancel_requested:
+            live.cancel_requested = True
+            log.info("job cancel requested", extra={"job_id": job_id})
+            if live.worker is None:
+                live.task.cancel()  # still waiting for a worker
+            else:
+                await self._scheduler.cancel(live.worker, job_id)
+                enforcer = asyncio.create_task(self._enforce_cancel(live))
+                self._background.add(enforcer)  # the loop keeps only weak references
+                enforcer.add_done_callback(self._background.discard)
+        return _copy(live.job)
+
+    async def _enforce_cancel(self, live: _LiveJob) -> None:
+        await asyncio.sleep(self._cancel_grace_s)
+        if live.job.state not in TERMINAL_STATES and live.task is not None:
+            log.warning("worker did not stop in time", extra={"job_id": live.job.job_id})
+            live.task.cancel()  # _run ends it with the last iterate; the worker is replaced
+
+    @property
+    def live_jobs(self) -> int:
+        return len(self._live)

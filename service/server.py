@@ -1,0 +1,168 @@
+"""Assembles the gateway: store, Ray, scheduler, job manager, grpc.aio server with health and
+reflection, and the metrics endpoint; and takes it apart again in the right order.
+
+Startup order: store -> Ray (embedded or joined) -> warm worker pool -> job manager (settles
+jobs a dead gateway left behind) -> gRPC server -> health SERVING. Shutdown: health
+NOT_SERVING -> `server.stop(grace)` -> job manager (ends what is still live) -> workers ->
+Ray (if embedded) -> store.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import ipaddress
+import logging
+import os
+from dataclasses import dataclass, field
+
+import grpc
+from grpc_health.v1 import health, health_pb2, health_pb2_grpc
+from grpc_reflection.v1alpha import reflection
+
+from secant.v1 import optimizer_pb2 as pb
+from secant.v1 import optimizer_pb2_grpc as pb_grpc
+from service.jobs import JobManager
+from service.metrics import Metrics, MetricsInterceptor
+from service.scheduler import RayCluster, Scheduler
+from service.servicer import OptimizerServicer
+from service.store import open_store
+from service.validation import Limits
+
+log = logging.getLogger("secant.server")
+
+SERVICE_NAME = pb.DESCRIPTOR.services_by_name["Optimizer"].full_name
+
+
+@dataclass
+class GatewayConfig:
+    host: str = "127.0.0.1"
+    port: int = 50051  # 0 picks a free port
+    metrics_port: int | None = 9464  # None: no metrics endpoint; 0: a free port
+    db: str = "./secant.db"
+    ray_address: str | None = None  # None: start an embedded loopback-only Ray
+    num_cpus: int | None = None  # embedded Ray only; None: every core
+    workers: int = 0  # warm solver processes; 0: one per CPU Ray reports
+    trust_code: bool = False
+    allow_remote_without_auth: bool = False
+    grace_s: float = 5.0
+    # How long a cancelled job's worker gets to stop before the gateway ends the job itself
+    # (with the last iterate it saw) and replaces the worker process.
+    cancel_grace_s: float = 1.5
+    limits: Limits = field(default_factory=Limits)
+
+
+def _is_loopback(host: str) -> bool:
+    if host == "localhost":
+        return True
+    try:
+        return ipaddress.ip_address(host).is_loopback
+    except ValueError:
+        return False
+
+
+class Gateway:
+    """One running gateway. `await start()`, then `address`; `await stop()` to end it."""
+
+    def __init__(self, config: GatewayConfig) -> None:
+        self.config = config
+        self.address: str | None = None
+        self.metrics_port: int | None = None
+        self.metrics = Metrics()
+        self._store = None
+        self._ray: RayCluster | None = None
+        self._scheduler: Scheduler | None = None
+        self.jobs: JobManager | None = None
+        self._server: grpc.aio.Server | None = None
+        self._health = health.aio.HealthServicer()
+
+    async def start(self) -> None:
+        config = self.config
+        if not _is_loopback(config.host) and not config.allow_remote_without_auth:
+            raise ValueError(
+                f"--host {config.host}: binding beyond loopback needs auth, which this build"
+                " does not have yet; pass --allow-remote-without-auth to do it anyway"
+            )
+        try:
+            await self._start(config)
+        except BaseException:
+            await self.stop(grace_s=0)
+            raise
+
+    async def _start(self, config: GatewayConfig) -> None:
+        self._store = open_store(config.db)
+        self._ray = RayCluster(config.ray_address, num_cpus=config.num_cpus)
+        self._ray.launch()  # from this (the loop's) thread, which outlives the head
+        await asyncio.to_thread(self._ray.connect)
+        import ray  # after the cluster is up; ray.cluster_resources needs a connection
+
+        workers = config.workers or max(1, int(ray.cluster_resources().get("CPU", 1)))
+        self._scheduler = Scheduler(workers)
+        warm_s = await self._scheduler.start()
+        log.info(
+            "ray ready",
+            extra={"ray_address": self._ray.address, "embedded": self._ray.embedded,
+                   "workers": workers, "warm_up_s": round(warm_s, 3)},
+        )
+        self.jobs = JobManager(
+            self._store, self._scheduler, self.metrics, config.limits,
+            trusted=config.trust_code, cancel_grace_s=config.cancel_grace_s,
+        )
+        settled = await self.jobs.start()
+        if settled:
+            log.warning("settled jobs of a previous gateway", extra={"jobs": settled})
+
+        self.metrics.queue_depth.set_function(lambda: self._scheduler.queue_depth)
+        self.metrics.running_jobs.set_function(lambda: self._scheduler.running)
+
+        limit = config.limits.max_message_bytes
+        self._server = grpc.aio.server(
+            interceptors=[MetricsInterceptor(self.metrics)],
+            options=[
+                ("grpc.max_receive_message_length", limit),
+                ("grpc.max_send_message_length", limit),
+                ("grpc.so_reuseport", 0),
+            ],
+        )
+        pb_grpc.add_OptimizerServicer_to_server(
+            OptimizerServicer(self.jobs, config.limits, trusted=config.trust_code), self._server
+        )
+        health_pb2_grpc.add_HealthServicer_to_server(self._health, self._server)
+        reflection.enable_server_reflection(
+            [SERVICE_NAME, health.SERVICE_NAME, reflection.SERVICE_NAME], self._server
+        )
+        port = self._server.add_insecure_port(f"{config.host}:{config.port}")
+        if port == 0:
+            raise OSError(f"could not bind {config.host}:{config.port}")
+        await self._server.start()
+        self.address = f"{config.host}:{port}"
+        if config.metrics_port is not None:
+            self.metrics_port = self.metrics.serve(config.metrics_port, host="127.0.0.1")
+        serving = health_pb2.HealthCheckResponse.SERVING
+        await self._health.set("", serving)
+        await self._health.set(SERVICE_NAME, serving)
+        log.info(
+            "serving",
+            extra={"address": self.address, "metrics_port": self.metrics_port,
+                   "db": config.db, "pid": os.getpid()},
+        )
+
+    async def stop(self, grace_s: float | None = None) -> None:
+        grace = self.config.grace_s if grace_s is None else grace_s
+        await self._health.enter_graceful_shutdown()
+        if self._server is not None:
+            await self._server.stop(grace)
+            self._server = None
+        if self.jobs is not None:
+            await self.jobs.stop()
+            self.jobs = None
+        if self._scheduler is not None:
+            await self._scheduler.stop()
+            self._scheduler = None
+        if self._ray is not None:
+            await asyncio.to_thread(self._ray.stop)
+            self._ray = None
+        if self._store is not None:
+            self._store.close()
+            self._store = None
+        self.metrics.stop()
+        log.info("stopped")

@@ -1,0 +1,80 @@
+"""The Optimizer servicer: thin. Each method validates (service.validation), calls the
+JobManager, and leaves status codes to service.errors."""
+
+from __future__ import annotations
+
+from secant.v1 import optimizer_pb2 as pb
+from secant.v1 import optimizer_pb2_grpc as pb_grpc
+from service.errors import LimitExceeded, grpc_errors, grpc_stream_errors
+from service.jobs import JobManager
+from service.validation import Limits, method_filter, validate_problem
+
+
+def _required_job_id(job_id: str) -> str:
+    if not job_id:
+        raise ValueError("job_id: required")
+    return job_id
+
+
+class OptimizerServicer(pb_grpc.OptimizerServicer):
+    def __init__(self, jobs: JobManager, limits: Limits, *, trusted: bool) -> None:
+        self._jobs = jobs
+        self._limits = limits
+        self._trusted = trusted
+
+    def _validate(self, problem: pb.Problem, where: str = "problem"):
+        return validate_problem(problem, self._limits, trusted=self._trusted, where=where)
+
+    @grpc_stream_errors
+    async def Solve(self, request, context):
+        spec = self._validate(request.problem)
+        job = await self._jobs.submit(spec, request.problem)
+        async for event in self._jobs.watch(job.job_id, 0):
+            yield event
+
+    @grpc_errors
+    async def Submit(self, request, context):
+        spec = self._validate(request.problem)
+        return await self._jobs.submit(
+            spec, request.problem, idempotency_key=request.idempotency_key
+        )
+
+    @grpc_errors
+    async def SubmitBatch(self, request, context):
+        if not request.problems:
+            raise ValueError("problems: at least one problem is required")
+        if len(request.problems) > self._limits.max_batch_size:
+            raise LimitExceeded(
+                f"problems: {len(request.problems)} exceed this server's max batch size"
+                f" {self._limits.max_batch_size}"
+            )
+        items = [
+            (self._validate(problem, f"problems[{index}]"), problem)
+            for index, problem in enumerate(request.problems)
+        ]
+        batch_id, jobs = await self._jobs.submit_batch(items)
+        return pb.SubmitBatchResponse(batch_id=batch_id, jobs=jobs)
+
+    @grpc_stream_errors
+    async def Watch(self, request, context):
+        async for event in self._jobs.watch(_required_job_id(request.job_id), request.after_seq):
+            yield event
+
+    @grpc_errors
+    async def GetJob(self, request, context):
+        return await self._jobs.get(_required_job_id(request.job_id))
+
+    @grpc_errors
+    async def ListJobs(self, request, context):
+        page = await self._jobs.list(
+            state=request.state,
+            method=method_filter(request.method),
+            batch_id=request.batch_id,
+            page_size=request.page_size,
+            page_token=request.page_token,
+        )
+        return pb.ListJobsResponse(jobs=page.jobs, next_page_token=page.next_page_token)
+
+    @grpc_errors
+    async def CancelJob(self, request, context):
+        return await self._jobs.cancel(_required_job_id(request.job_id))
