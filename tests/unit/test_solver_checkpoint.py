@@ -66,16 +66,11 @@ def _recording():
     return seen, hook
 
 
-_LSTSQ_NONDETERMINISTIC = pytest.mark.xfail(
-    strict=False,  # the bug is run-to-run nondeterminism: it may pass by chance
-    reason="engine bug (_methods.py GaussNewton.direction: torch.linalg.lstsq's default CPU "
-    "driver gelsy gives different last bits run to run; gelsd or QR is reproducible)",
-)
 
 
 @pytest.mark.parametrize(
     "method",
-    [pytest.param(m, marks=_LSTSQ_NONDETERMINISTIC) if m == "gauss-newton" else m for m in CASES],
+    CASES,
 )
 def test_resume_from_checkpoint_gives_identical_iterates(method):
     problem, k, kwargs = CASES[method]
@@ -261,20 +256,11 @@ GARBAGE = [
 ]
 
 
-_UNWRAPPED_ERRORS = pytest.mark.xfail(
-    strict=True,
-    reason="engine bug (_checkpoint.py state_from_bytes): safetensors' SafetensorError, "
-    "KeyError('scalars') and the dataclass TypeError escape instead of a ValueError",
-)
-_CLEAN_TODAY = {"no_metadata", "unknown_class", "scalars_not_json"}
 
 
 @pytest.mark.parametrize(
     "blob",
-    [
-        g[1] if g[0] in _CLEAN_TODAY else pytest.param(g[1], marks=_UNWRAPPED_ERRORS)
-        for g in GARBAGE
-    ],
+    [g[1] for g in GARBAGE],
     ids=[g[0] for g in GARBAGE],
 )
 def test_garbage_checkpoint_raises_value_error(blob):
@@ -282,7 +268,6 @@ def test_garbage_checkpoint_raises_value_error(blob):
         state_from_bytes(blob)
 
 
-@_UNWRAPPED_ERRORS
 def test_truncated_checkpoint_raises_value_error():
     blob = _checkpoint_blob()
     for cut in (7, 20, len(blob) // 2, len(blob) - 1):

@@ -189,16 +189,11 @@ def test_solved_count_floor(method):
     assert solved >= floor, f"{method} solved {solved}/{len(STANDARD)}; scipy BFGS {reference}"
 
 
-_LM_SCALING = pytest.mark.xfail(
-    strict=True,
-    reason="engine bug (_methods.py LevenbergMarquardt.step: scale = diag(J^T J) of the "
-    "current J, not More's running max): damping runs away on penalty I/II and Brown-Dennis",
-)
 
 
 @pytest.mark.parametrize(
     "method,margin",
-    [pytest.param("lm", 1, marks=_LM_SCALING), ("gauss-newton", 6)],
+    [("lm", 1), ("gauss-newton", 6)],
 )
 def test_least_squares_solved_count_floor(method, margin):
     # scipy's MINPACK LM solves all 38 residual problems. Gauss-Newton without damping is
@@ -211,7 +206,6 @@ def test_least_squares_solved_count_floor(method, margin):
     )
 
 
-@_LM_SCALING
 def test_lm_converges_on_penalty_i_in_few_iterations():
     # MINPACK LM: ~50 evaluations. Marquardt's scaling by the *current* diag(J^T J) lets
     # coordinates whose column of J has nearly vanished take huge damped steps (Moré uses the
@@ -311,15 +305,8 @@ _DIFFERENT_BASIN = pytest.mark.xfail(
 )
 
 
-_FLOAT32_BOUNDS = pytest.mark.xfail(
-    strict=True,
-    reason="engine bug (_driver.py _as_bounds: torch.tensor(lo/hi) builds float32 before "
-    ".to(float64)): a bound of 0.2 becomes 0.20000000298, iterates leave the float64 box",
-)
 _BOUNDED_MARKS = {
     "wood_bounded": _DIFFERENT_BASIN,
-    "brown_dennis_bounded": _FLOAT32_BOUNDS,
-    "osborne1_bounded": _FLOAT32_BOUNDS,
 }
 
 
@@ -449,18 +436,13 @@ def test_gradient_turning_nan_is_reported(method):
     assert result.status is Status.NON_FINITE and not result.success
 
 
-_JAC_DIFFERENTIATED = pytest.mark.xfail(
-    strict=True,
-    reason="engine bug (_evaluation.py LocalEvaluator._hvp/_hessian differentiate the user's "
-    "jac): newton-cg crashes with RuntimeError, newton silently gets a zero Hessian",
-)
 
 
 @pytest.mark.parametrize(
     "method",
     [
-        pytest.param("newton-cg", marks=_JAC_DIFFERENTIATED),
-        pytest.param("newton", marks=_JAC_DIFFERENTIATED),
+        "newton-cg",
+        "newton",
         "bfgs",
         "l-bfgs",
     ],

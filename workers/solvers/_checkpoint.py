@@ -38,15 +38,25 @@ def state_to_bytes(state: SolveState) -> bytes:
 
 
 def state_from_bytes(blob: bytes, device: str | torch.device | None = None) -> SolveState:
-    from safetensors import safe_open  # noqa: F401  (validates the format on load)
+    """Rebuilds a state; ValueError for anything that is not a checkpoint of ours."""
+    try:
+        return _state_from_bytes(blob, device)
+    except ValueError:
+        raise
+    except Exception as exc:  # safetensors' own error type, JSON, missing keys, bad fields
+        raise ValueError(f"not a readable solver checkpoint: {exc}") from exc
 
-    tensors = load(blob)
+
+def _state_from_bytes(blob: bytes, device) -> SolveState:
+    tensors = load(bytes(blob))
     header_len = int.from_bytes(blob[:8], "little")
-    meta = json.loads(blob[8 : 8 + header_len]).get("__metadata__", {})
+    meta = json.loads(blob[8 : 8 + header_len]).get("__metadata__") or {}
     cls = _STATE_CLASSES.get(meta.get("class", ""))
     if cls is None:
         raise ValueError(f"checkpoint names an unknown state class {meta.get('class')!r}")
     scalars = json.loads(meta["scalars"])
+    if not isinstance(scalars, dict):
+        raise ValueError("checkpoint metadata 'scalars' is not an object")
     target = torch.device(device or meta.get("device", "cpu"))
     kwargs = {}
     for f in fields(cls):

@@ -22,7 +22,7 @@ from ._methods import (
     build_solver,
     canonical_method,
 )
-from ._options import SolverOptions, parse_options
+from ._options import parse_options
 from ._result import IterateInfo, SolverResult, Status
 
 MAX_DENSE_DIMENSION = 20_000
@@ -54,7 +54,8 @@ def _as_bounds(bounds, x0: Tensor) -> tuple[Tensor, Tensor] | None:
             )
         lo = [(-math.inf if p[0] is None else float(p[0])) for p in pairs]
         hi = [(math.inf if p[1] is None else float(p[1])) for p in pairs]
-        lower, upper = torch.tensor(lo), torch.tensor(hi)
+        lower = torch.tensor(lo, dtype=x0.dtype)
+        upper = torch.tensor(hi, dtype=x0.dtype)
     lower = torch.as_tensor(lower).to(dtype=x0.dtype, device=x0.device).reshape(-1)
     upper = torch.as_tensor(upper).to(dtype=x0.dtype, device=x0.device).reshape(-1)
     if lower.shape != x0.shape or upper.shape != x0.shape:
@@ -223,12 +224,11 @@ class Solve:
         )
 
     def _result_without_state(self, status: Status, seconds: float) -> SolverResult:
-        nan = torch.full((), math.nan, dtype=self.x0.dtype, device=self.x0.device)
         return SolverResult(
             x=self.x0, fun=math.nan, jac=torch.full_like(self.x0, math.nan), nit=0, nfev=0,
             njev=0, nhev=0, status=status, message=status.message, solve_time_s=seconds,
             history=self.history,
-        ) if nan is not None else None
+        )
 
 
 def drive_locally(solve: Solve, evaluator: Callable[[EvalRequest], Evaluation],

@@ -36,7 +36,8 @@ class Evaluation:
 
     def is_finite(self) -> bool:
         """True when every returned quantity is finite (one host sync)."""
-        parts = [t for t in (self.f, self.g, self.hvp, self.hess, self.r, self.jac) if t is not None]
+        quantities = (self.f, self.g, self.hvp, self.hess, self.r, self.jac)
+        parts = [t for t in quantities if t is not None]
         if not parts:
             return True
         flags = torch.stack([torch.isfinite(t).all() for t in parts])
@@ -114,12 +115,10 @@ class LocalEvaluator:
         if self._hess is not None:
             with torch.no_grad():
                 return self._hess(x) @ v
+        # Second derivatives come from fun's graph: a user `jac` may be plain numpy inside.
         with torch.enable_grad():
             xg = x.detach().requires_grad_(True)
-            if self._jac is not None:
-                g = self._jac(xg)
-            else:
-                (g,) = torch.autograd.grad(self._fun(xg), xg, create_graph=True)
+            (g,) = torch.autograd.grad(self._fun(xg), xg, create_graph=True)
             (hv,) = torch.autograd.grad(g, xg, grad_outputs=v, allow_unused=True)
         return torch.zeros_like(x) if hv is None else hv.detach()
 
@@ -127,8 +126,6 @@ class LocalEvaluator:
         if self._hess is not None:
             with torch.no_grad():
                 return self._hess(x).detach()
-        if self._jac is not None:
-            return torch.autograd.functional.jacobian(self._jac, x, vectorize=True).detach()
         return torch.autograd.functional.hessian(self._fun, x, vectorize=True).detach()
 
     def _residual_and_jacobian(self, x: Tensor) -> tuple[Tensor, Tensor]:

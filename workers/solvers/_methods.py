@@ -73,6 +73,7 @@ class LbfgsState(SolveState):
 class LeastSquaresState(SolveState):
     r: Tensor | None = None
     J: Tensor | None = None
+    scale: Tensor | None = None  # LM: running max of diag(J^T J) (MINPACK's scaling)
     damping: float = 0.0
     damping_growth: float = 2.0
 
@@ -215,7 +216,7 @@ class GradientDescent(LineSearchSolver):
 
 
 class Newton(LineSearchSolver):
-    """Exact Hessian, Cholesky; adds tau*I (Nocedal & Wright Alg. 3.3) when not positive definite."""
+    """Exact Hessian and Cholesky; adds tau*I when not positive definite (N&W Alg. 3.3)."""
 
     name = "newton"
     needs_hessian = True
@@ -585,8 +586,9 @@ class GaussNewton(LineSearchSolver):
         return LeastSquaresState(x=x0, f=ev.f, g=ev.g, r=ev.r, J=ev.jac)
 
     def direction(self, state):
-        p = torch.linalg.lstsq(state.J, -state.r.unsqueeze(1)).solution.squeeze(1)
-        return p
+        # gelsd (SVD) is deterministic and handles rank deficiency; CUDA offers only gels.
+        driver = "gelsd" if state.J.device.type == "cpu" else "gels"
+        return torch.linalg.lstsq(state.J, -state.r.unsqueeze(1), driver=driver).solution.squeeze(1)
         yield  # pragma: no cover
 
     def initial_step(self, state, d, derphi0):
@@ -618,10 +620,9 @@ class LevenbergMarquardt:
         return EvalRequest(x0, need_jac=True)
 
     def init_state(self, x0, ev):
-        JtJ_diag = (ev.jac * ev.jac).sum(0)
-        damping = self.initial_damping * max(float(JtJ_diag.max()) if JtJ_diag.numel() else 1.0,
-                                             1e-12)
-        return LeastSquaresState(x=x0, f=ev.f, g=ev.g, r=ev.r, J=ev.jac, damping=damping)
+        scale = torch.clamp((ev.jac * ev.jac).sum(0), min=1e-12)
+        return LeastSquaresState(x=x0, f=ev.f, g=ev.g, r=ev.r, J=ev.jac, scale=scale,
+                                 damping=self.initial_damping)
 
     def grad_norm(self, state):
         return _norm_inf(state.g)
@@ -630,9 +631,12 @@ class LevenbergMarquardt:
         return None
 
     def step(self, state):
-        J, r, g = state.J, state.r, state.g
+        J, g = state.J, state.g
         JtJ = J.T @ J
-        scale = torch.clamp(JtJ.diagonal(), min=1e-12)
+        # The scaling only grows: a column whose Jacobian fades keeps its old weight, so
+        # the damping still restrains it (More 1978; MINPACK's mode 1).
+        state.scale = torch.maximum(state.scale, JtJ.diagonal())
+        scale = state.scale
         rejections = 0
         saw_nonfinite = False
         while rejections < self.max_rejections:
