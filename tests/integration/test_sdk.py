@@ -15,8 +15,9 @@ from collections.abc import Iterator
 import grpc
 import numpy as np
 import pytest
-import secant
 from scipy.optimize import minimize as scipy_minimize
+
+import secant
 from secant.cli import main as cli_main
 
 pytestmark = pytest.mark.integration

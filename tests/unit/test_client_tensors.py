@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import numpy as np
 import pytest
+
 from secant import from_tensor, to_tensor
 from secant.v1 import optimizer_pb2 as pb
 
