@@ -1,0 +1,313 @@
+"""K-FAC: factors, preconditioning, methods, checkpoints, assignment, 2 workers; and the
+exact natural gradient.
+
+Reduction convention (see workers/training/kfac.py): A = mean over rows of a a^T with a
+homogeneous 1 for the bias; G = mean over examples of per-example g g^T, where per-example
+g = N * dL/ds for the batch-mean loss L.
+"""
+
+from __future__ import annotations
+
+import copy
+import math
+import multiprocessing
+import socket
+
+import pytest
+import torch
+import torch.nn.functional as F
+from safetensors.torch import load_file, save_file
+from torch import nn
+
+from workers.training.kfac import (
+    ComputeMethod,
+    CostBalancedAssignment,
+    KFACPreconditioner,
+    TorchDistributedCommunicator,
+)
+from workers.training.natural_gradient import NaturalGradientPreconditioner
+
+
+@pytest.fixture(autouse=True)
+def _float64():
+    """The comparisons are exact to float64 rounding; restore the default for other modules."""
+    previous = torch.get_default_dtype()
+    torch.set_default_dtype(torch.float64)
+    yield
+    torch.set_default_dtype(previous)
+
+
+def _mlp(seed: int = 0) -> nn.Sequential:
+    torch.manual_seed(seed)
+    return nn.Sequential(nn.Linear(5, 4), nn.Tanh(), nn.Linear(4, 3)).double()
+
+
+def _batch(n: int = 7, seed: int = 1):
+    generator = torch.Generator().manual_seed(seed)
+    return (torch.randn(n, 5, generator=generator, dtype=torch.float64),
+            torch.randint(0, 3, (n,), generator=generator))
+
+
+def test_linear_factors_equal_explicit_expectations():
+    model = _mlp()
+    x, y = _batch()
+    kfac = KFACPreconditioner(model, compute_method="inverse", kl_clip=None)
+    F.cross_entropy(model(x), y).backward()
+    kfac.step()
+
+    # explicit: per-example inputs with a bias coordinate, per-example output gradients
+    first, second = model[0], model[2]
+    s1 = first(x)
+    s1.retain_grad()
+    h = torch.tanh(s1)
+    s2 = second(h)
+    s2.retain_grad()
+    F.cross_entropy(s2, y).backward()
+    n = x.shape[0]
+    ones = torch.ones(n, 1)
+    for name, a, s in (("0", x, s1), ("2", h.detach(), s2)):
+        a_hom = torch.cat([a, ones], dim=1)
+        expected_a = sum(torch.outer(r, r) for r in a_hom) / n
+        per_example_g = n * s.grad
+        expected_g = sum(torch.outer(r, r) for r in per_example_g) / n
+        block = kfac.blocks[name]
+        torch.testing.assert_close(block.a_factor, expected_a)
+        torch.testing.assert_close(block.g_factor, expected_g)
+
+
+def test_preconditioned_gradient_equals_dense_kronecker_solve():
+    torch.manual_seed(3)
+    layer = nn.Linear(3, 2).double()
+    x, target = torch.randn(6, 3), torch.randn(6, 2)
+    damping = 0.05
+    kfac = KFACPreconditioner(layer, compute_method="inverse", damping=damping, kl_clip=None)
+    F.mse_loss(layer(x), target).backward()
+    raw_grad = torch.cat([layer.weight.grad, layer.bias.grad[:, None]], dim=1).clone()
+    kfac.step()
+
+    block = kfac.blocks[""]
+    a, g = block.a_factor, block.g_factor
+    pi = math.sqrt((a.trace() / 4) / (g.trace() / 2))
+    a_damped = a + pi * math.sqrt(damping) * torch.eye(4)
+    g_damped = g + math.sqrt(damping) / pi * torch.eye(2)
+    # row-major vec: vec(G^-1 X A^-1) = (G^-1 (x) A^-1) vec(X)
+    dense = torch.linalg.solve(torch.kron(g_damped, a_damped), raw_grad.reshape(-1))
+    got = torch.cat([layer.weight.grad, layer.bias.grad[:, None]], dim=1).reshape(-1)
+    torch.testing.assert_close(got, dense)
+
+
+def test_conv2d_factors_equal_unfold_computation():
+    torch.manual_seed(4)
+    conv = nn.Conv2d(2, 3, 3, padding=1, stride=1).double()
+    model = nn.Sequential(conv, nn.Flatten(), nn.Linear(3 * 5 * 5, 2)).double()
+    x, target = torch.randn(4, 2, 5, 5), torch.randn(4, 2)
+    kfac = KFACPreconditioner(model, kl_clip=None)
+    F.mse_loss(model(x), target).backward()
+    kfac.step()
+
+    out = conv(x)
+    out.retain_grad()
+    F.mse_loss(model[2](model[1](out)), target).backward()
+    n = x.shape[0]
+    patches = F.unfold(x, 3, padding=1).transpose(1, 2).reshape(-1, 2 * 9)  # (N*25, 18)
+    patches = torch.cat([patches, torch.ones(patches.shape[0], 1)], dim=1)
+    expected_a = patches.T @ patches / patches.shape[0]
+    grads = (n * out.grad).permute(0, 2, 3, 1).reshape(-1, 3)  # per-example, per position
+    expected_g = grads.T @ grads / n  # mean over examples, sum over positions
+    torch.testing.assert_close(kfac.blocks["0"].a_factor, expected_a)
+    torch.testing.assert_close(kfac.blocks["0"].g_factor, expected_g)
+
+
+def _grads_after_step(method: ComputeMethod, steps: int = 3):
+    model = _mlp()
+    kfac = KFACPreconditioner(model, compute_method=method, damping=1e-2, inv_update_steps=2)
+    optimizer = torch.optim.SGD(model.parameters(), lr=0.1, momentum=0.9)
+    for step in range(steps):
+        x, y = _batch(seed=step)
+        optimizer.zero_grad()
+        F.cross_entropy(model(x), y).backward()
+        kfac.step()
+        optimizer.step()
+    return [p.grad.clone() for p in model.parameters()]
+
+
+def test_inverse_and_eigen_methods_give_the_same_preconditioned_gradient():
+    for eig, inv in zip(_grads_after_step(ComputeMethod.EIGEN),
+                        _grads_after_step(ComputeMethod.INVERSE), strict=True):
+        torch.testing.assert_close(eig, inv, rtol=1e-8, atol=1e-10)
+
+
+def test_kl_clip_bounds_the_update_in_the_fisher_metric():
+    lr, kl_clip = 10.0, 1e-4
+    clipped_model, free_model = _mlp(), _mlp()
+    clipped = KFACPreconditioner(clipped_model, compute_method="inverse", kl_clip=kl_clip, lr=lr)
+    free = KFACPreconditioner(free_model, compute_method="inverse", kl_clip=None, lr=lr)
+    x, y = _batch()
+    for model, kfac in ((clipped_model, clipped), (free_model, free)):
+        F.cross_entropy(model(x), y).backward()
+        raw = [p.grad.clone() for p in model.parameters()]
+        kfac.step()
+    update = torch.cat([p.grad.reshape(-1) for p in clipped_model.parameters()])
+    natural = torch.cat([p.grad.reshape(-1) for p in free_model.parameters()])
+    grad = torch.cat([g.reshape(-1) for g in raw])
+    scale = float(update.norm() / natural.norm())
+    torch.testing.assert_close(update, scale * natural)
+    # the clipped step lr * scale * natural has lr^2 scale^2 <natural, grad> = kl_clip
+    assert lr**2 * scale**2 * float(natural @ grad) == pytest.approx(kl_clip, rel=1e-9)
+
+
+def test_state_dict_round_trip_gives_identical_next_step(tmp_path):
+    model = _mlp()
+    kfac = KFACPreconditioner(model, damping=1e-2, inv_update_steps=3, factor_decay=0.9)
+    optimizer = torch.optim.SGD(model.parameters(), lr=0.1, momentum=0.9)
+
+    def one_step(m, k, opt, seed):
+        x, y = _batch(seed=seed)
+        opt.zero_grad()
+        F.cross_entropy(m(x), y).backward()
+        k.step()
+        opt.step()
+        return [p.grad.clone() for p in m.parameters()]
+
+    for seed in range(4):
+        one_step(model, kfac, optimizer, seed)
+    save_file(kfac.state_dict(), tmp_path / "kfac.safetensors")  # tensors only, no pickle
+    restored_model = _mlp(seed=99)  # not a deepcopy: that would copy the hooks too
+    restored_model.load_state_dict(model.state_dict())
+    restored_optimizer = torch.optim.SGD(restored_model.parameters(), lr=0.1, momentum=0.9)
+    # a copy: load_state_dict would share the momentum buffers with the original
+    restored_optimizer.load_state_dict(copy.deepcopy(optimizer.state_dict()))
+    restored = KFACPreconditioner(restored_model, damping=1e-2, inv_update_steps=3,
+                                  factor_decay=0.9)
+    restored.load_state_dict(load_file(tmp_path / "kfac.safetensors"))
+
+    for seed in (4, 5):  # step 6 recomputes the inverses from the restored factors
+        expected = one_step(model, kfac, optimizer, seed)
+        got = one_step(restored_model, restored, restored_optimizer, seed)
+        for e, g in zip(expected, got, strict=True):
+            torch.testing.assert_close(g, e, rtol=0, atol=0)
+
+
+def test_assignment_spreads_layers_over_workers_by_cost():
+    policy = CostBalancedAssignment()
+    even = policy.assign({f"layer{i}": 1.0 for i in range(6)}, world_size=3)
+    assert sorted(even.values()) == [0, 0, 1, 1, 2, 2]
+    skewed = {"big": 10.0, "a": 4.0, "b": 3.0, "c": 3.0}
+    assignment = policy.assign(skewed, world_size=2)
+    loads = [sum(c for n, c in skewed.items() if assignment[n] == r) for r in range(2)]
+    assert sorted(loads) == [10.0, 10.0]
+    assert policy.assign(skewed, 2) == assignment  # deterministic: every worker agrees
+
+
+@pytest.mark.parametrize(("kwargs", "field"), [
+    ({"damping": -1.0}, "damping"),
+    ({"factor_decay": 1.0}, "factor_decay"),
+    ({"inv_update_steps": 0}, "inv_update_steps"),
+    ({"kl_clip": 0.0}, "kl_clip"),
+    ({"compute_method": "cholesky"}, "cholesky"),
+])
+def test_settings_are_checked_when_built(kwargs, field):
+    with pytest.raises(ValueError, match=field):
+        KFACPreconditioner(_mlp(), **kwargs)
+
+
+def test_schedules_are_callables_of_the_step():
+    model = _mlp()
+    kfac = KFACPreconditioner(model, damping=lambda step: 1.0 / (step + 1))
+    assert kfac.current_damping == 1.0
+    x, y = _batch()
+    F.cross_entropy(model(x), y).backward()
+    kfac.step()
+    assert kfac.current_damping == 0.5
+
+
+# ---------------------------------------------------------------- two workers
+
+def _free_port() -> int:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return sock.getsockname()[1]
+
+
+def _two_worker_steps(rank: int, world_size: int, port: int, out: str) -> None:
+    import torch.distributed as dist
+
+    torch.set_default_dtype(torch.float64)
+    torch.set_num_threads(1)
+    dist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{port}", rank=rank,
+                            world_size=world_size)
+    try:
+        communicator = TorchDistributedCommunicator()
+        grads = _kfac_updates(communicator, shard=(rank, world_size))
+        save_file({str(i): g for i, g in enumerate(grads)}, out)
+    finally:
+        dist.destroy_process_group()
+
+
+def _kfac_updates(communicator=None, shard=(0, 1)) -> list[torch.Tensor]:
+    """Three K-FAC steps of a 3-layer MLP on a global batch of 8, this worker's shard."""
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(5, 6), nn.Tanh(), nn.Linear(6, 6), nn.Tanh(),
+                          nn.Linear(6, 3)).double()
+    kfac = KFACPreconditioner(model, compute_method="eigen", damping=1e-2, inv_update_steps=2,
+                              communicator=communicator)
+    optimizer = torch.optim.SGD(model.parameters(), lr=0.2, momentum=0.9)
+    rank, world = shard
+    updates = []
+    for step in range(3):
+        x, y = _batch(n=8, seed=10 + step)
+        per_worker = x.shape[0] // world
+        x, y = x[rank * per_worker:(rank + 1) * per_worker], y[rank * per_worker:(rank + 1)
+                                                                * per_worker]
+        optimizer.zero_grad()
+        F.cross_entropy(model(x), y).backward()
+        if communicator is not None:  # data parallelism's gradient average (DDP's job)
+            communicator.all_reduce_mean([p.grad for p in model.parameters()])
+        kfac.step()
+        optimizer.step()
+        updates += [p.grad.clone() for p in model.parameters()]
+    return updates
+
+
+def test_two_workers_give_the_same_update_as_one_worker_on_the_global_batch(tmp_path):
+    context = multiprocessing.get_context("spawn")
+    port = _free_port()
+    outs = [str(tmp_path / f"rank{r}.safetensors") for r in range(2)]
+    workers = [context.Process(target=_two_worker_steps, args=(r, 2, port, outs[r]))
+               for r in range(2)]
+    for worker in workers:
+        worker.start()
+    for worker in workers:
+        worker.join(timeout=60)
+    for worker in workers:
+        if worker.is_alive():
+            worker.kill()
+    assert all(worker.exitcode == 0 for worker in workers), [w.exitcode for w in workers]
+
+    single = _kfac_updates()
+    for out in outs:
+        distributed = load_file(out)
+        for i, expected in enumerate(single):
+            torch.testing.assert_close(distributed[str(i)], expected, rtol=1e-9, atol=1e-12)
+
+
+# ---------------------------------------------------------------- natural gradient
+
+@pytest.mark.parametrize("batch", [64, 8])  # P=35 <= N (primal) and P > N (Woodbury)
+def test_natural_gradient_solves_the_damped_empirical_fisher_system(batch):
+    model = _mlp()
+    x, y = _batch(n=batch)
+    damping = 1e-2
+    natural = NaturalGradientPreconditioner(model, F.cross_entropy, damping=damping)
+    natural.step(x, y)
+    got = torch.cat([p.grad.reshape(-1) for p in model.parameters()])
+
+    rows = []
+    for i in range(batch):
+        model.zero_grad()
+        F.cross_entropy(model(x[i:i + 1]), y[i:i + 1]).backward()
+        rows.append(torch.cat([p.grad.reshape(-1) for p in model.parameters()]))
+    jacobian = torch.stack(rows)
+    fisher = jacobian.T @ jacobian / batch + damping * torch.eye(jacobian.shape[1])
+    expected = torch.linalg.solve(fisher, jacobian.mean(0))
+    torch.testing.assert_close(got, expected, rtol=1e-7, atol=1e-9)

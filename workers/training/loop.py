@@ -1,0 +1,494 @@
+"""The single-process training loop (one Ray Train worker will run this, sharded).
+
+    result = train(spec, X, y, callback=print)
+
+spec (a dict from the wire; every field checked, ValueError names the field):
+    model:       a model spec (see models.py)
+    loss:        "cross_entropy" | "mse" | "bce" (bce takes logits)
+    optimizer:   {"name": ..., "lr": ...} with name one of
+                 sgd (momentum, nesterov, weight_decay), adam / adamw (betas, weight_decay),
+                 kfac (SGD settings + damping, factor_decay, kl_clip, factor_update_steps,
+                 inv_update_steps, compute_method), natural-gradient (SGD settings + damping),
+                 lbfgs (full batch on the training split through workers.solvers:
+                 max_iter, gtol, history_size), adam->lbfgs (adam_steps of Adam, then lbfgs)
+    batch_size:  examples per step (0: the whole training split); default 128
+    steps | epochs: how long the minibatch phase runs (steps wins if both); default 1 epoch
+    seed:        initialization, split and shuffling; default 0
+    validation_fraction: held out, in [0, 0.9); default 0.2
+    eval_every:  also report the full training-split loss every this many steps (0: never);
+                 evaluated outside the timed step
+
+The callback gets a StepMetrics after every step (for L-BFGS: every iteration) and may
+return True to stop the run early.
+"""
+
+from __future__ import annotations
+
+import math
+import time
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from typing import Any
+
+import torch
+import torch.nn.functional as F
+from safetensors.torch import load as safetensors_load
+from safetensors.torch import save as safetensors_save
+from torch import Tensor, nn
+from torch.func import functional_call
+
+from workers.solvers import minimize
+
+from .kfac import ComputeMethod, KFACPreconditioner
+from .models import build_model
+from .natural_gradient import NaturalGradientPreconditioner
+
+LOSSES = ("cross_entropy", "mse", "bce")
+OPTIMIZERS = ("sgd", "adam", "adamw", "kfac", "natural-gradient", "lbfgs", "adam->lbfgs")
+
+_SGD_KEYS = {"lr", "momentum", "nesterov", "weight_decay"}
+_ADAM_KEYS = {"lr", "betas", "eps", "weight_decay"}
+_KFAC_KEYS = _SGD_KEYS | {"damping", "factor_decay", "kl_clip", "factor_update_steps",
+                          "inv_update_steps", "compute_method"}
+_LBFGS_KEYS = {"max_iter", "gtol", "history_size"}
+_OPTIMIZER_KEYS = {
+    "sgd": _SGD_KEYS,
+    "adam": _ADAM_KEYS,
+    "adamw": _ADAM_KEYS,
+    "kfac": _KFAC_KEYS,
+    "natural-gradient": _SGD_KEYS | {"damping"},
+    "lbfgs": _LBFGS_KEYS,
+    "adam->lbfgs": _ADAM_KEYS | _LBFGS_KEYS | {"adam_steps"},
+}
+_SPEC_KEYS = {"model", "loss", "optimizer", "batch_size", "steps", "epochs", "seed",
+              "validation_fraction", "eval_every"}
+
+
+@dataclass(frozen=True)
+class StepMetrics:
+    step: int
+    loss: float  # the step's batch loss (L-BFGS: the full training loss)
+    lr: float  # L-BFGS: the accepted step length
+    damping: float | None
+    step_time_s: float
+    samples_per_s: float
+    train_loss: float | None = None  # full training split, every `eval_every` steps
+
+
+@dataclass
+class TrainResult:
+    model: nn.Module
+    metrics: dict[str, float]  # train_loss, val_loss, val_accuracy (classification)
+    steps: int
+    train_time_s: float  # summed step times, evaluation excluded
+    stopped_early: bool
+    preconditioner_state: dict[str, Tensor] | None = None
+    history: list[StepMetrics] = field(default_factory=list, repr=False)
+
+    @property
+    def state_dict(self) -> dict[str, Tensor]:
+        return self.model.state_dict()
+
+
+# ---------------------------------------------------------------- spec checks
+
+
+def _number(owner: str, name: str, value: Any, *, lower: float | None = None,
+            upper: float | None = None, lower_open: bool = False) -> float:
+    if isinstance(value, bool) or not isinstance(value, int | float) or not math.isfinite(value):
+        raise ValueError(f"{owner}.{name} must be a finite number, got {value!r}")
+    if lower is not None and (value < lower or (lower_open and value == lower)):
+        raise ValueError(f"{owner}.{name} must be {'>' if lower_open else '>='} {lower}, "
+                         f"got {value}")
+    if upper is not None and value >= upper:
+        raise ValueError(f"{owner}.{name} must be < {upper}, got {value}")
+    return float(value)
+
+
+def _integer(owner: str, name: str, value: Any, *, lower: int = 0) -> int:
+    if isinstance(value, bool) or not isinstance(value, int) or value < lower:
+        raise ValueError(f"{owner}.{name} must be an integer >= {lower}, got {value!r}")
+    return value
+
+
+@dataclass(frozen=True)
+class OptimizerSpec:
+    name: str
+    settings: dict[str, Any]
+
+    @classmethod
+    def parse(cls, raw: Any) -> OptimizerSpec:
+        if isinstance(raw, str):
+            raw = {"name": raw}
+        if not isinstance(raw, dict):
+            raise ValueError(f"optimizer must be a dict with a name, got {raw!r}")
+        name = raw.get("name")
+        if name not in _OPTIMIZER_KEYS:
+            raise ValueError(f"optimizer.name must be one of {list(OPTIMIZERS)}, got {name!r}")
+        known = _OPTIMIZER_KEYS[name]
+        unknown = sorted(set(raw) - known - {"name"})
+        if unknown:
+            raise ValueError(f"optimizer: unknown field(s) {unknown} for {name}; known: "
+                             f"{sorted(known)}")
+        o = "optimizer"
+        checks = {
+            "lr": lambda v: _number(o, "lr", v, lower=0.0, lower_open=True),
+            "momentum": lambda v: _number(o, "momentum", v, lower=0.0, upper=1.0),
+            "weight_decay": lambda v: _number(o, "weight_decay", v, lower=0.0),
+            "eps": lambda v: _number(o, "eps", v, lower=0.0, lower_open=True),
+            "damping": lambda v: _number(o, "damping", v, lower=0.0, lower_open=True),
+            "factor_decay": lambda v: _number(o, "factor_decay", v, lower=0.0, upper=1.0),
+            "kl_clip": lambda v: None if v is None else _number(o, "kl_clip", v, lower=0.0,
+                                                                 lower_open=True),
+            "gtol": lambda v: _number(o, "gtol", v, lower=0.0),
+            "factor_update_steps": lambda v: _integer(o, "factor_update_steps", v, lower=1),
+            "inv_update_steps": lambda v: _integer(o, "inv_update_steps", v, lower=1),
+            "max_iter": lambda v: _integer(o, "max_iter", v, lower=1),
+            "history_size": lambda v: _integer(o, "history_size", v, lower=1),
+            "adam_steps": lambda v: _integer(o, "adam_steps", v, lower=0),
+            "nesterov": lambda v: _boolean(o, "nesterov", v),
+            "betas": lambda v: _betas(v),
+            "compute_method": lambda v: _compute_method(v),
+        }
+        settings = {key: checks[key](value) for key, value in raw.items() if key != "name"}
+        if settings.get("nesterov") and not settings.get("momentum"):
+            raise ValueError("optimizer.nesterov needs optimizer.momentum > 0")
+        return cls(name, settings)
+
+
+def _boolean(owner: str, name: str, value: Any) -> bool:
+    if not isinstance(value, bool):
+        raise ValueError(f"{owner}.{name} must be true or false, got {value!r}")
+    return value
+
+
+def _betas(value: Any) -> tuple[float, float]:
+    if not isinstance(value, list | tuple) or len(value) != 2:
+        raise ValueError(f"optimizer.betas must be a pair of numbers, got {value!r}")
+    return tuple(_number("optimizer", f"betas[{i}]", v, lower=0.0, upper=1.0)
+                 for i, v in enumerate(value))
+
+
+def _compute_method(value: Any) -> ComputeMethod:
+    try:
+        return ComputeMethod(value)
+    except ValueError as exc:
+        raise ValueError(f"optimizer.compute_method must be one of "
+                         f"{[m.value for m in ComputeMethod]}, got {value!r}") from exc
+
+
+@dataclass(frozen=True)
+class TrainSpec:
+    model: dict
+    loss: str
+    optimizer: OptimizerSpec
+    batch_size: int
+    steps: int | None
+    epochs: int
+    seed: int
+    validation_fraction: float
+    eval_every: int
+
+    @classmethod
+    def parse(cls, raw: Any) -> TrainSpec:
+        if not isinstance(raw, dict):
+            raise ValueError(f"training spec must be a dict, got {type(raw).__name__}")
+        unknown = sorted(set(raw) - _SPEC_KEYS)
+        if unknown:
+            raise ValueError(f"training spec: unknown field(s) {unknown}; known: "
+                             f"{sorted(_SPEC_KEYS)}")
+        if "model" not in raw:
+            raise ValueError("model is required")
+        loss = raw.get("loss", "cross_entropy")
+        if loss not in LOSSES:
+            raise ValueError(f"loss must be one of {list(LOSSES)}, got {loss!r}")
+        steps = raw.get("steps")
+        return cls(
+            model=raw["model"],
+            loss=loss,
+            optimizer=OptimizerSpec.parse(raw.get("optimizer", "adam")),
+            batch_size=_integer("spec", "batch_size", raw.get("batch_size", 128)),
+            steps=None if steps is None else _integer("spec", "steps", steps, lower=0),
+            epochs=_integer("spec", "epochs", raw.get("epochs", 1), lower=1),
+            seed=_integer("spec", "seed", raw.get("seed", 0)),
+            validation_fraction=_number("spec", "validation_fraction",
+                                        raw.get("validation_fraction", 0.2), lower=0.0,
+                                        upper=0.9),
+            eval_every=_integer("spec", "eval_every", raw.get("eval_every", 0)),
+        )
+
+
+# ---------------------------------------------------------------- losses
+
+
+def loss_function(name: str) -> Callable[[Tensor, Tensor], Tensor]:
+    """A mean-over-examples loss of (model output, target)."""
+    if name == "cross_entropy":
+        def cross_entropy(output: Tensor, target: Tensor) -> Tensor:
+            return F.cross_entropy(output.reshape(-1, output.shape[-1]), target.reshape(-1))
+        return cross_entropy
+    if name == "mse":
+        def mse(output: Tensor, target: Tensor) -> Tensor:
+            return F.mse_loss(output, target.reshape(output.shape))
+        return mse
+    if name == "bce":
+        def bce(output: Tensor, target: Tensor) -> Tensor:
+            return F.binary_cross_entropy_with_logits(output, target.reshape(output.shape))
+        return bce
+    raise ValueError(f"loss must be one of {list(LOSSES)}, got {name!r}")
+
+
+@torch.no_grad()
+def evaluate(model: nn.Module, loss_name: str, X: Tensor, y: Tensor,
+             batch_size: int = 4096) -> dict[str, float]:
+    """Mean loss (and accuracy for classification) over a whole set, in eval mode."""
+    was_training = model.training
+    model.eval()
+    loss_fn = loss_function(loss_name)
+    total_loss, correct, count = 0.0, 0, 0
+    classification = loss_name == "cross_entropy" or (loss_name == "bce" and y.dim() == 1)
+    for start in range(0, X.shape[0], batch_size):
+        xb, yb = X[start:start + batch_size], y[start:start + batch_size]
+        output = model(xb)
+        total_loss += float(loss_fn(output, yb)) * xb.shape[0]
+        if loss_name == "cross_entropy":
+            correct += int((output.argmax(-1) == yb).sum())
+        elif classification:
+            correct += int(((output.reshape(-1) > 0).to(yb.dtype) == yb).sum())
+        count += xb.shape[0]
+    model.train(was_training)
+    metrics = {"loss": total_loss / max(count, 1)}
+    if classification:
+        metrics["accuracy"] = correct / max(count, 1)
+    return metrics
+
+
+# ---------------------------------------------------------------- the loop
+
+
+def split(X: Tensor, y: Tensor, fraction: float, seed: int):
+    generator = torch.Generator().manual_seed(seed)
+    order = torch.randperm(X.shape[0], generator=generator)
+    n_val = int(round(fraction * X.shape[0]))
+    val, tr = order[:n_val], order[n_val:]
+    return X[tr], y[tr], X[val], y[val]
+
+
+class _Stop(Exception):
+    pass
+
+
+def train(spec: dict, X: Tensor, y: Tensor, *,
+          callback: Callable[[StepMetrics], bool | None] | None = None) -> TrainResult:
+    """Trains the spec's model on (X, y); see the module docstring for the spec."""
+    parsed = TrainSpec.parse(spec)
+    if X.shape[0] != y.shape[0]:
+        raise ValueError(f"X and y must have as many rows, got {X.shape[0]} and {y.shape[0]}")
+    torch.manual_seed(parsed.seed)
+    model = build_model(parsed.model)
+    X_train, y_train, X_val, y_val = split(X, y, parsed.validation_fraction, parsed.seed)
+    if X_train.shape[0] == 0:
+        raise ValueError("validation_fraction leaves no training examples")
+    run = _Run(parsed, model, X_train, y_train, callback)
+    optimizer = parsed.optimizer
+    try:
+        if optimizer.name == "lbfgs":
+            run.lbfgs(optimizer.settings)
+        elif optimizer.name == "adam->lbfgs":
+            adam_settings = {k: v for k, v in optimizer.settings.items() if k in _ADAM_KEYS}
+            run.minibatch("adam", adam_settings, steps=optimizer.settings.get("adam_steps", 100))
+            run.lbfgs({k: v for k, v in optimizer.settings.items() if k in _LBFGS_KEYS})
+        else:
+            run.minibatch(optimizer.name, optimizer.settings, steps=run.default_steps())
+    except _Stop:
+        run.stopped_early = True
+
+    metrics = {f"train_{k}": v for k, v in evaluate(model, parsed.loss, X_train, y_train).items()}
+    if X_val.shape[0]:
+        metrics |= {f"val_{k}": v for k, v in evaluate(model, parsed.loss, X_val, y_val).items()}
+    return TrainResult(model=model, metrics=metrics, steps=run.step, train_time_s=run.train_time,
+                       stopped_early=run.stopped_early,
+                       preconditioner_state=run.preconditioner_state, history=run.history)
+
+
+class _Run:
+    """The mutable state of one train() call: step counter, timings, history."""
+
+    def __init__(self, spec: TrainSpec, model: nn.Module, X: Tensor, y: Tensor, callback):
+        self.spec, self.model, self.X, self.y, self.callback = spec, model, X, y, callback
+        self.loss_fn = loss_function(spec.loss)
+        self.step = 0
+        self.train_time = 0.0
+        self.stopped_early = False
+        self.preconditioner_state: dict[str, Tensor] | None = None
+        self.history: list[StepMetrics] = []
+        self.generator = torch.Generator().manual_seed(spec.seed + 1)
+
+    def batch_size(self) -> int:
+        n = self.X.shape[0]
+        return n if self.spec.batch_size in (0, None) else min(self.spec.batch_size, n)
+
+    def default_steps(self) -> int:
+        if self.spec.steps is not None:
+            return self.spec.steps
+        return self.spec.epochs * math.ceil(self.X.shape[0] / self.batch_size())
+
+    def batches(self):
+        n, size = self.X.shape[0], self.batch_size()
+        while True:
+            order = torch.randperm(n, generator=self.generator)
+            for start in range(0, n - size + 1, size):  # drop the ragged tail: equal batches
+                index = order[start:start + size]
+                yield self.X[index], self.y[index]
+
+    def report(self, loss: float, lr: float, damping: float | None, seconds: float,
+               samples: int) -> None:
+        self.step += 1
+        self.train_time += seconds
+        train_loss = None
+        every = self.spec.eval_every
+        if every and self.step % every == 0:
+            train_loss = evaluate(self.model, self.spec.loss, self.X, self.y)["loss"]
+        metrics = StepMetrics(step=self.step, loss=loss, lr=lr, damping=damping,
+                              step_time_s=seconds,
+                              samples_per_s=samples / seconds if seconds > 0 else math.inf,
+                              train_loss=train_loss)
+        self.history.append(metrics)
+        if self.callback is not None and self.callback(metrics):
+            raise _Stop
+
+    def minibatch(self, name: str, settings: dict, steps: int) -> None:
+        model, loss_fn = self.model, self.loss_fn
+        lr = settings.get("lr", 1e-3 if name in ("adam", "adamw") else 0.1)
+        preconditioner = natural = None
+        if name in ("adam", "adamw"):
+            cls = torch.optim.Adam if name == "adam" else torch.optim.AdamW
+            extra = {k: settings[k] for k in ("betas", "eps", "weight_decay") if k in settings}
+            optimizer = cls(model.parameters(), lr=lr, **extra)
+        else:
+            optimizer = torch.optim.SGD(
+                model.parameters(), lr=lr, momentum=settings.get("momentum", 0.0),
+                nesterov=settings.get("nesterov", False),
+                weight_decay=settings.get("weight_decay", 0.0))
+        if name == "kfac":
+            preconditioner = KFACPreconditioner(
+                model, lr=lr,
+                **{k: settings[k] for k in ("damping", "factor_decay", "kl_clip",
+                                            "factor_update_steps", "inv_update_steps",
+                                            "compute_method") if k in settings})
+        elif name == "natural-gradient":
+            natural = NaturalGradientPreconditioner(model, loss_fn,
+                                                    damping=settings.get("damping", 1e-3))
+        model.train()
+        batches = self.batches()
+        try:
+            for _ in range(steps):
+                xb, yb = next(batches)
+                start = time.perf_counter()
+                optimizer.zero_grad(set_to_none=True)
+                damping = None
+                if natural is not None:
+                    damping = natural.current_damping
+                    loss = natural.step(xb, yb)
+                else:
+                    loss = loss_fn(model(xb), yb)
+                    loss.backward()
+                    if preconditioner is not None:
+                        damping = preconditioner.current_damping
+                        preconditioner.step()
+                optimizer.step()
+                loss_value = float(loss.detach())
+                self.report(loss_value, lr, damping, time.perf_counter() - start, xb.shape[0])
+        finally:
+            if preconditioner is not None:
+                preconditioner.remove_hooks()
+                self.preconditioner_state = preconditioner.state_dict()
+
+    def lbfgs(self, settings: dict) -> None:
+        """Full batch L-BFGS (workers.solvers) on the flattened parameters."""
+        model, loss_fn, X, y = self.model, self.loss_fn, self.X, self.y
+        model.eval()  # a deterministic objective: no dropout inside a line search
+        names = [name for name, p in model.named_parameters() if p.requires_grad]
+        shapes = [p.shape for _, p in model.named_parameters() if p.requires_grad]
+        x0 = torch.cat([p.detach().reshape(-1) for _, p in model.named_parameters()
+                        if p.requires_grad])
+        objective = flat_objective(model, loss_fn, X, y)
+        last = {"elapsed": 0.0}
+
+        def on_iteration(info) -> bool:
+            seconds = info.elapsed_s - last["elapsed"]
+            last["elapsed"] = info.elapsed_s
+            _write_flat(model, names, shapes, info.x)
+            try:
+                self.report(info.f, info.step_size, None, seconds, X.shape[0])
+            except _Stop:
+                return True
+            return False
+
+        options = {"max_iter": settings.get("max_iter", 200), "gtol": settings.get("gtol", 1e-6)}
+        if "history_size" in settings:
+            options["history_size"] = settings["history_size"]
+        result = minimize(objective, x0, method="l-bfgs", options=options, callback=on_iteration)
+        _write_flat(model, names, shapes, result.x)
+        model.train()
+        if result.status.name == "CANCELLED":
+            raise _Stop
+
+
+def flat_objective(model: nn.Module, loss_fn, X: Tensor, y: Tensor) -> Callable[[Tensor], Tensor]:
+    """loss(x) with x the model's trainable parameters flattened in named_parameters order,
+    evaluated through torch.func.functional_call (the model's own tensors are untouched)."""
+    names = [name for name, p in model.named_parameters() if p.requires_grad]
+    shapes = [p.shape for _, p in model.named_parameters() if p.requires_grad]
+    sizes = [math.prod(shape) for shape in shapes]
+    buffers = dict(model.named_buffers())
+
+    def objective(x: Tensor) -> Tensor:
+        pieces = torch.split(x, sizes)
+        params = {name: piece.view(shape) for name, piece, shape in
+                  zip(names, pieces, shapes, strict=True)}
+        return loss_fn(functional_call(model, (params, buffers), (X,)), y)
+
+    return objective
+
+
+@torch.no_grad()
+def _write_flat(model: nn.Module, names: list[str], shapes, x: Tensor) -> None:
+    parameters = dict(model.named_parameters())
+    offset = 0
+    for name, shape in zip(names, shapes, strict=True):
+        count = math.prod(shape)
+        parameters[name].copy_(x[offset:offset + count].view(shape))
+        offset += count
+
+
+# ---------------------------------------------------------------- weights
+
+
+def save_weights(model: nn.Module) -> bytes:
+    """The model's state_dict as safetensors bytes (no pickle)."""
+    state = {name: tensor.detach().contiguous().clone() for name, tensor in
+             model.state_dict().items()}
+    return safetensors_save(state)
+
+
+def load_weights(model: nn.Module, data: bytes) -> nn.Module:
+    model.load_state_dict(safetensors_load(data))
+    return model
+
+
+__all__ = [
+    "LOSSES",
+    "OPTIMIZERS",
+    "OptimizerSpec",
+    "StepMetrics",
+    "TrainResult",
+    "TrainSpec",
+    "evaluate",
+    "flat_objective",
+    "load_weights",
+    "loss_function",
+    "save_weights",
+    "split",
+    "train",
+]
