@@ -50,6 +50,10 @@ def _serve_parser() -> argparse.ArgumentParser:
                         help="allow a non-loopback --host although auth is not configured")
     parser.add_argument("--grace", type=float, default=5.0,
                         help="seconds in-flight RPCs get on shutdown")
+    parser.add_argument("--callback-lease-s", type=float, default=300.0,
+                        help="how long a callback job waits for its caller to reconnect")
+    parser.add_argument("--callback-eval-deadline-s", type=float, default=600.0,
+                        help="how long a callback job waits for one evaluation")
     return parser
 
 
@@ -59,6 +63,7 @@ def serve(argv: list[str]) -> int:
         from service.ray_env import prepare_loopback_ray_env
 
         prepare_loopback_ray_env()  # before anything imports ray
+    from service.callbacks import CallbackSettings
     from service.server import Gateway, GatewayConfig  # heavy imports (torch, ray) only here
     from service.validation import Limits
 
@@ -74,6 +79,10 @@ def serve(argv: list[str]) -> int:
         trust_code=args.trust_code,
         allow_remote_without_auth=args.allow_remote_without_auth,
         grace_s=args.grace,
+        callbacks=CallbackSettings(
+            lease_s=args.callback_lease_s,
+            evaluation_deadline_s=args.callback_eval_deadline_s,
+        ),
         limits=Limits(
             max_message_bytes=args.max_message_bytes,
             max_dimension=args.max_dimension,

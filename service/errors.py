@@ -38,6 +38,8 @@ def status_for(exc: BaseException) -> tuple[grpc.StatusCode, str]:
         return grpc.StatusCode.PERMISSION_DENIED, str(exc) or "permission denied"
     if isinstance(exc, ValueError):
         return grpc.StatusCode.INVALID_ARGUMENT, str(exc) or "invalid argument"
+    if isinstance(exc, TimeoutError):
+        return grpc.StatusCode.DEADLINE_EXCEEDED, str(exc) or "the caller did not answer in time"
     return grpc.StatusCode.INTERNAL, "internal error (logged on the server)"
 
 

@@ -22,7 +22,7 @@ import contextlib
 import logging
 import time
 import uuid
-from collections.abc import AsyncIterator, Sequence
+from collections.abc import AsyncIterator, Callable, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 
@@ -83,6 +83,8 @@ class _LiveJob:
     cancel_requested: bool = False
     last_iterate: pb.Iterate | None = None
     last_x: pb.Tensor | None = None
+    # Callback jobs: what to do on CancelJob (the solver runs in the gateway, not on Ray).
+    on_cancel: Callable[[], None] | None = None
 
 
 class JobManager:
@@ -179,7 +181,9 @@ class JobManager:
         batch_id = uuid.uuid4().hex
         return batch_id, await self._create(items, batch_id=batch_id)
 
-    async def _create(self, items, *, batch_id: str, idempotency_key: str = "") -> list[pb.Job]:
+    async def _create(
+        self, items, *, batch_id: str, idempotency_key: str = "", kind: str = "solve"
+    ) -> list[pb.Job]:
         for spec, _ in items:
             self._scheduler.check_capacity(spec.device)
         if self._stopping:
@@ -201,7 +205,7 @@ class JobManager:
                     n=spec.n,
                     batch_id=batch_id,
                     labels=spec.labels,
-                    kind="solve",
+                    kind=kind,
                     last_seq=1,
                 )
                 _now(job.created)
@@ -227,7 +231,8 @@ class JobManager:
                 results.append(_copy(first.job) if first is not None else job)
                 continue
             self._live[job.job_id] = live
-            live.task = asyncio.create_task(self._run(live), name=f"job-{job.job_id}")
+            if kind == "solve":
+                live.task = asyncio.create_task(self._run(live), name=f"job-{job.job_id}")
             self._metrics.jobs_submitted.labels(live.spec.method).inc()
             log.info(
                 "job queued",
@@ -490,7 +495,10 @@ class JobManager:
         if not live.cancel_requested:
             live.cancel_requested = True
             log.info("job cancel requested", extra={"job_id": job_id})
-            if live.worker is None:
+            if live.job.kind == "callback":
+                if live.on_cancel is not None:
+                    live.on_cancel()  # the driver stops before its next evaluation
+            elif live.worker is None:
                 live.task.cancel()  # still waiting for a worker
             else:
                 await self._scheduler.cancel(live.worker, job_id)
@@ -504,6 +512,47 @@ class JobManager:
         if live.job.state not in TERMINAL_STATES and live.task is not None:
             log.warning("worker did not stop in time", extra={"job_id": live.job.job_id})
             live.task.cancel()  # _run ends it with the last iterate; the worker is replaced
+
+    # -- callback jobs (the solver runs in the gateway; see service.callbacks) -------------
+
+    async def create_callback_job(self, spec: SolveSpec, problem: pb.Problem) -> _LiveJob:
+        """Stores a callback job (accepted, seq 1) and returns its live record."""
+        (job,) = await self._create([(spec, problem)], batch_id="", kind="callback")
+        return self._live[job.job_id]
+
+    def callback_job(self, job_id: str) -> _LiveJob:
+        """The live record of a callback job of this gateway, to resume it."""
+        live = self._live.get(job_id)
+        if live is None:
+            raise JobNotFound(job_id)
+        if live.job.kind != "callback":
+            raise ValueError(f"start.resume_job_id: job {job_id!r} is not a callback job")
+        return live
+
+    def set_state(self, live: _LiveJob, state: int, reason: str = "") -> None:
+        """A non-final state change (RUNNING, WAITING_FOR_CLIENT), as an event."""
+        live.job.state = state
+        if state == pb.RUNNING and not live.job.HasField("started"):
+            _now(live.job.started)
+        self._emit(live, state_change=pb.StateChange(state=state, reason=reason))
+
+    async def record(self, live: _LiveJob, event: IterateEvent | ResultEvent | FailureEvent):
+        """An iterate, result or failure of a job whose solver runs outside Ray."""
+        await self._on_worker_event(live, event)
+
+    def watch_live(self, live: _LiveJob) -> asyncio.Queue:
+        """A queue receiving the job's new events (None after the last); unwatch() it."""
+        queue: asyncio.Queue = asyncio.Queue()
+        live.watchers.add(queue)
+        return queue
+
+    @staticmethod
+    def unwatch(live: _LiveJob, queue: asyncio.Queue) -> None:
+        live.watchers.discard(queue)
+
+    @property
+    def metrics(self) -> Metrics:
+        return self._metrics
 
     @property
     def live_jobs(self) -> int:

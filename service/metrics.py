@@ -52,6 +52,12 @@ class Metrics:
             "secant_queue_depth", "Jobs waiting for a worker", registry=r
         )
         self.running_jobs = Gauge("secant_running_jobs", "Jobs on a worker now", registry=r)
+        self.callback_roundtrip = Histogram(
+            "secant_callback_roundtrip_seconds",
+            "Callback jobs: evaluation request sent to the caller's answer received",
+            buckets=(0.0001, 0.00025, 0.0005, 0.001, 0.0025, 0.005, 0.01, 0.05, 0.1, 1, 10, 60),
+            registry=r,
+        )
         self._http = None
 
     def serve(self, port: int, host: str = "127.0.0.1") -> int:
@@ -123,4 +129,22 @@ class MetricsInterceptor(grpc.aio.ServerInterceptor):
             return grpc.unary_stream_rpc_method_handler(
                 unary_stream, handler.request_deserializer, handler.response_serializer
             )
-        return handler  # streaming-request RPCs (callbacks) are counted once they exist
+        if handler.stream_stream is not None:
+            inner_bidi = handler.stream_stream
+
+            async def stream_stream(request_iterator, context):
+                started, outcome = time.perf_counter(), grpc.StatusCode.UNKNOWN
+                try:
+                    async for item in inner_bidi(request_iterator, context):
+                        yield item
+                    outcome = grpc.StatusCode.OK
+                except (asyncio.CancelledError, GeneratorExit):
+                    outcome = grpc.StatusCode.CANCELLED
+                    raise
+                finally:
+                    record(context, started, outcome)
+
+            return grpc.stream_stream_rpc_method_handler(
+                stream_stream, handler.request_deserializer, handler.response_serializer
+            )
+        return handler

@@ -21,6 +21,7 @@ from grpc_reflection.v1alpha import reflection
 
 from secant.v1 import optimizer_pb2 as pb
 from secant.v1 import optimizer_pb2_grpc as pb_grpc
+from service.callbacks import CallbackJobs, CallbackSettings
 from service.jobs import JobManager
 from service.metrics import Metrics, MetricsInterceptor
 from service.scheduler import RayCluster, Scheduler
@@ -49,6 +50,7 @@ class GatewayConfig:
     # (with the last iterate it saw) and replaces the worker process.
     cancel_grace_s: float = 1.5
     limits: Limits = field(default_factory=Limits)
+    callbacks: CallbackSettings = field(default_factory=CallbackSettings)
 
 
 def _is_loopback(host: str) -> bool:
@@ -121,11 +123,20 @@ class Gateway:
                 ("grpc.max_receive_message_length", limit),
                 ("grpc.max_send_message_length", limit),
                 ("grpc.so_reuseport", 0),
+                # Callback evaluations may take minutes: let clients ping an idle stream
+                # (every 10 s at the most) and ping them, so a dead peer is noticed.
+                ("grpc.keepalive_time_ms", 30_000),
+                ("grpc.keepalive_timeout_ms", 10_000),
+                ("grpc.keepalive_permit_without_calls", 1),
+                ("grpc.http2.min_ping_interval_without_data_ms", 10_000),
+                ("grpc.http2.max_pings_without_data", 0),
             ],
         )
-        pb_grpc.add_OptimizerServicer_to_server(
-            OptimizerServicer(self.jobs, config.limits, trusted=config.trust_code), self._server
+        callbacks = CallbackJobs(self.jobs, config.limits, config.callbacks)
+        servicer = OptimizerServicer(
+            self.jobs, config.limits, trusted=config.trust_code, callbacks=callbacks
         )
+        pb_grpc.add_OptimizerServicer_to_server(servicer, self._server)
         health_pb2_grpc.add_HealthServicer_to_server(self._health, self._server)
         reflection.enable_server_reflection(
             [SERVICE_NAME, health.SERVICE_NAME, reflection.SERVICE_NAME], self._server

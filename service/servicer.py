@@ -5,6 +5,7 @@ from __future__ import annotations
 
 from secant.v1 import optimizer_pb2 as pb
 from secant.v1 import optimizer_pb2_grpc as pb_grpc
+from service.callbacks import CallbackJobs
 from service.errors import LimitExceeded, grpc_errors, grpc_stream_errors
 from service.jobs import JobManager
 from service.validation import Limits, method_filter, validate_problem
@@ -17,10 +18,13 @@ def _required_job_id(job_id: str) -> str:
 
 
 class OptimizerServicer(pb_grpc.OptimizerServicer):
-    def __init__(self, jobs: JobManager, limits: Limits, *, trusted: bool) -> None:
+    def __init__(
+        self, jobs: JobManager, limits: Limits, *, trusted: bool, callbacks: CallbackJobs
+    ) -> None:
         self._jobs = jobs
         self._limits = limits
         self._trusted = trusted
+        self._callbacks = callbacks
 
     def _validate(self, problem: pb.Problem, where: str = "problem"):
         return validate_problem(problem, self._limits, trusted=self._trusted, where=where)
@@ -78,3 +82,8 @@ class OptimizerServicer(pb_grpc.OptimizerServicer):
     @grpc_errors
     async def CancelJob(self, request, context):
         return await self._jobs.cancel(_required_job_id(request.job_id))
+
+    @grpc_stream_errors
+    async def SolveWithCallbacks(self, request_iterator, context):
+        async for message in self._callbacks.session(context):
+            yield message

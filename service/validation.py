@@ -172,53 +172,9 @@ def validate_problem(
             f" expression length {limits.max_expression_length}"
         )
 
-    if not problem.HasField("x0"):
-        raise ValueError(f"{where}.x0: required (the starting point)")
-    if problem.dtype not in _SOLVE_DTYPES:
-        raise ValueError(f"{where}.dtype: solves run in FLOAT64 or FLOAT32, got {problem.dtype}")
-    solve_dtype = _SOLVE_DTYPES[problem.dtype]
-    x0 = _vector(problem.x0, f"{where}.x0", solve_dtype, limits)
-
-    device = (problem.device or "cpu").strip().lower()
-    if device not in ("cpu", "cuda"):
-        raise ValueError(f"{where}.device: 'cpu' or 'cuda', got {problem.device!r}")
-    if problem.report_x_every < 0:
-        raise ValueError(f"{where}.report_x_every: must be >= 0, got {problem.report_x_every}")
-
-    lower = upper = None
-    if problem.HasField("bounds"):
-        lower = _vector(problem.bounds.lower, f"{where}.bounds.lower", solve_dtype, limits)
-        upper = _vector(problem.bounds.upper, f"{where}.bounds.upper", solve_dtype, limits)
-        for name, bound in (("lower", lower), ("upper", upper)):
-            if bound.shape != x0.shape:
-                raise ValueError(
-                    f"{where}.bounds.{name}: shape {list(bound.shape)} differs from x0's"
-                    f" {list(x0.shape)}"
-                )
-
-    if problem.method:
-        try:
-            method = canonical_method(problem.method)
-        except ValueError as exc:
-            raise ValueError(f"{where}.method: {exc}") from None
-    else:
-        default = "lm" if kind == "residual" else "l-bfgs-b" if lower is not None else "l-bfgs"
-        method = canonical_method(default)
-    if method.least_squares and kind != "residual":
-        raise ValueError(
-            f"{where}.method: {method.name!r} solves least squares; send the objective as"
-            " objective.residual (or pick a minimization method)"
-        )
-    options = _options(problem.options, f"{where}.options")
-
-    x0_tensor = torch.from_numpy(x0).to(_TORCH[solve_dtype])
-    bounds = None
-    if lower is not None:
-        bounds = (torch.from_numpy(lower), torch.from_numpy(upper))
-    try:
-        check_problem(method.name, x0_tensor, bounds, options)
-    except ValueError as exc:
-        raise ValueError(f"{where}: {exc}") from None
+    x0, lower, upper, method, options, solve_dtype, x0_tensor, device = _check_common(
+        problem, limits, where, kind
+    )
 
     data = []
     for index, named in enumerate(objective.data):
@@ -270,6 +226,58 @@ def validate_problem(
     )
 
 
+def _check_common(problem: pb.Problem, limits: Limits, where: str, kind: str):
+    """x0, dtype, device, bounds, method and options: what every kind of solve shares."""
+    if not problem.HasField("x0"):
+        raise ValueError(f"{where}.x0: required (the starting point)")
+    if problem.dtype not in _SOLVE_DTYPES:
+        raise ValueError(f"{where}.dtype: solves run in FLOAT64 or FLOAT32, got {problem.dtype}")
+    solve_dtype = _SOLVE_DTYPES[problem.dtype]
+    x0 = _vector(problem.x0, f"{where}.x0", solve_dtype, limits)
+
+    device = (problem.device or "cpu").strip().lower()
+    if device not in ("cpu", "cuda"):
+        raise ValueError(f"{where}.device: 'cpu' or 'cuda', got {problem.device!r}")
+    if problem.report_x_every < 0:
+        raise ValueError(f"{where}.report_x_every: must be >= 0, got {problem.report_x_every}")
+
+    lower = upper = None
+    if problem.HasField("bounds"):
+        lower = _vector(problem.bounds.lower, f"{where}.bounds.lower", solve_dtype, limits)
+        upper = _vector(problem.bounds.upper, f"{where}.bounds.upper", solve_dtype, limits)
+        for name, bound in (("lower", lower), ("upper", upper)):
+            if bound.shape != x0.shape:
+                raise ValueError(
+                    f"{where}.bounds.{name}: shape {list(bound.shape)} differs from x0's"
+                    f" {list(x0.shape)}"
+                )
+
+    if problem.method:
+        try:
+            method = canonical_method(problem.method)
+        except ValueError as exc:
+            raise ValueError(f"{where}.method: {exc}") from None
+    else:
+        default = "lm" if kind == "residual" else "l-bfgs-b" if lower is not None else "l-bfgs"
+        method = canonical_method(default)
+    if method.least_squares and kind != "residual":
+        raise ValueError(
+            f"{where}.method: {method.name!r} solves least squares; send the objective as"
+            " objective.residual (or pick a minimization method)"
+        )
+    options = _options(problem.options, f"{where}.options")
+
+    x0_tensor = torch.from_numpy(x0).to(_TORCH[solve_dtype])
+    bounds = None
+    if lower is not None:
+        bounds = (torch.from_numpy(lower), torch.from_numpy(upper))
+    try:
+        check_problem(method.name, x0_tensor, bounds, options)
+    except ValueError as exc:
+        raise ValueError(f"{where}: {exc}") from None
+    return x0, lower, upper, method, options, solve_dtype, x0_tensor, device
+
+
 def method_filter(method: str) -> str:
     """A ListJobs method filter in canonical spelling ("L-BFGS" finds l-bfgs jobs)."""
     if not method:
@@ -278,3 +286,43 @@ def method_filter(method: str) -> str:
         return canonical_method(method).name
     except ValueError as exc:
         raise ValueError(f"method: {exc}") from None
+
+
+CALLBACK_METHODS_NEEDING_HVP = frozenset({"newton-cg"})
+
+
+def validate_callback_start(start: pb.CallbackStart, limits: Limits) -> SolveSpec:
+    """Checks the first message of SolveWithCallbacks: the problem without an objective (the
+    caller evaluates it) and what the caller can evaluate."""
+    where = "start.problem"
+    problem = start.problem
+    if problem.objective.WhichOneof("kind") is not None or len(problem.objective.data):
+        raise ValueError(
+            f"{where}.objective: leave it empty in callback mode; the caller evaluates f"
+        )
+    if not start.provides_gradient:
+        raise ValueError(
+            "start.provides_gradient: callback mode needs the gradient from the caller (the SDK"
+            " computes finite differences when no jac is given)"
+        )
+    x0, lower, upper, method, options, solve_dtype, _, device = _check_common(
+        problem, limits, where, "callback"
+    )
+    if method.least_squares or method.name == "newton":
+        raise ValueError(
+            f"{where}.method: {method.name!r} needs residual Jacobians or dense Hessians, which"
+            " callback mode does not carry; use newton-cg (with Hessian-vector products),"
+            " bfgs, l-bfgs or l-bfgs-b"
+        )
+    if method.name in CALLBACK_METHODS_NEEDING_HVP and not start.provides_hvp:
+        raise ValueError(
+            f"{where}.method: {method.name!r} needs Hessian-vector products; pass hessp= (and"
+            " provides_hvp) or pick bfgs / l-bfgs"
+        )
+    if device != "cpu":
+        raise ValueError(f"{where}.device: callback solves run in the gateway, on the CPU")
+    return SolveSpec(
+        objective_kind="callback", source="", blob=b"", data=(), x0=x0, lower=lower,
+        upper=upper, method=method.name, options=options, dtype=solve_dtype, device=device,
+        report_x_every=problem.report_x_every, labels=dict(problem.labels),
+    )

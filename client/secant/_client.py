@@ -2,12 +2,14 @@
 
 from __future__ import annotations
 
+import queue
 import time
 from collections.abc import Callable, Iterable, Iterator, Mapping
 from typing import Any
 
 import grpc
 
+from secant._callbacks import CallbackEvaluator, callback_start
 from secant._core import (
     DEFAULT_ADDRESS,
     EventTracker,
@@ -74,8 +76,20 @@ class Client:
         dtype: str = "float64",
         labels: Mapping[str, str] | None = None,
         timeout: float | None = None,
+        *,
+        jac: Any = None,
+        hessp: Callable[..., Any] | None = None,
+        args: tuple = (),
+        on_job: Callable[[str], None] | None = None,
     ) -> OptimizeResult:
         """Solves one problem and returns its scipy-compatible result (one Solve stream).
+
+        ``objective`` is a DSL string (or Expression/Residual) the server evaluates, or a
+        Python callable ``fun(x, *args) -> float`` that this process evaluates when the server
+        asks (callback mode, over one SolveWithCallbacks stream): ``jac`` as in scipy (a
+        callable, True when fun returns (f, g), or None for finite differences), ``hessp``
+        for newton-cg. ``on_job(job_id)`` is called once the job exists (to resume it after a
+        crash with ``resume_callbacks``).
 
         Blocks until the job ends; ``progress=True`` draws a tqdm bar from the stream. A
         dropped connection is resumed with Watch from the last event seen. A job that ends
@@ -83,6 +97,16 @@ class Client:
         that errors raises SecantError. Raises SecantError(DEADLINE_EXCEEDED) after
         ``timeout`` seconds (the job goes on; find it with ``jobs()``).
         """
+        if callable(objective):
+            evaluator = CallbackEvaluator(objective, jac, hessp, args)
+            problem = build_problem(
+                None, x0, method, bounds, data, options, report_x_every, device, dtype, labels
+            )
+            bar = ProgressBar(progress_total(options)) if progress else None
+            return self._solve_with_callbacks(
+                callback_start(problem, evaluator), evaluator, EventTracker(progress=bar),
+                on_job, timeout,
+            )
         problem = build_problem(
             objective, x0, method, bounds, data, options, report_x_every, device, dtype, labels
         )
@@ -101,6 +125,65 @@ class Client:
                 pass
         finally:
             tracker.close_progress()
+        return tracker.outcome()
+
+    def resume_callbacks(
+        self,
+        job_id: str,
+        fun: Callable[..., Any],
+        *,
+        jac: Any = None,
+        hessp: Callable[..., Any] | None = None,
+        args: tuple = (),
+        timeout: float | None = None,
+    ) -> OptimizeResult:
+        """Reattaches to a callback job waiting for its caller (a crashed or disconnected
+        process) and finishes it from its last checkpoint; same result as uninterrupted."""
+        evaluator = CallbackEvaluator(fun, jac, hessp, args)
+        start = callback_start(pb.Problem(), evaluator, resume_job_id=job_id)
+        return self._solve_with_callbacks(
+            start, evaluator, EventTracker(job_id=job_id), None, timeout
+        )
+
+    def _solve_with_callbacks(
+        self,
+        start: pb.CallbackClientMessage,
+        evaluator: CallbackEvaluator,
+        tracker: EventTracker,
+        on_job: Callable[[str], None] | None,
+        timeout: float | None,
+    ) -> OptimizeResult:
+        outbox: queue.SimpleQueue = queue.SimpleQueue()
+        outbox.put(start)
+
+        def requests() -> Iterator[pb.CallbackClientMessage]:
+            while True:
+                message = outbox.get()
+                if message is None:
+                    return
+                yield message
+
+        call = self._stub.SolveWithCallbacks(
+            requests(), metadata=self._metadata, timeout=timeout
+        )
+        announced = False
+        try:
+            for message in call:
+                if message.HasField("request"):
+                    outbox.put(pb.CallbackClientMessage(
+                        result=evaluator.answer(message.request)
+                    ))
+                    continue
+                tracker.accept(message.event)
+                if not announced and tracker.job_id and on_job is not None:
+                    announced = True
+                    on_job(tracker.job_id)
+        except grpc.RpcError as exc:
+            raise from_rpc_error(exc) from None
+        finally:
+            outbox.put(None)
+            tracker.close_progress()
+            call.cancel()
         return tracker.outcome()
 
     def submit(

@@ -124,6 +124,10 @@ def _build_problem(
 def build_objective(objective: Objective, data: DataLike | None = None) -> pb.Objective:
     """The wire Objective; ``data`` merges with (and may not redefine) the objective's own."""
     merged: dict[str, Any] = {}
+    if objective is None:  # callback mode: the caller evaluates it
+        if data:
+            raise ValueError("data= goes with a DSL objective, not with a Python callable")
+        return pb.Objective()
     if isinstance(objective, Expression | Residual):
         merged.update(objective.data)
     for name, value in (data or {}).items():
