@@ -169,15 +169,17 @@ class Client:
         announced = False
         try:
             for message in call:
+                for event in message.events:
+                    tracker.accept(event)
+                if message.HasField("event"):
+                    tracker.accept(message.event)
+                if not announced and tracker.job_id and on_job is not None:
+                    announced = True
+                    on_job(tracker.job_id)
                 if message.HasField("request"):
                     outbox.put(pb.CallbackClientMessage(
                         result=evaluator.answer(message.request)
                     ))
-                    continue
-                tracker.accept(message.event)
-                if not announced and tracker.job_id and on_job is not None:
-                    announced = True
-                    on_job(tracker.job_id)
         except grpc.RpcError as exc:
             raise from_rpc_error(exc) from None
         finally:

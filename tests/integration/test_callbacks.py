@@ -213,6 +213,11 @@ def _start(stub, method="l-bfgs"):
     return outbox, stub.SolveWithCallbacks(requests())
 
 
+def _events(message: pb.CallbackServerMessage) -> list[pb.JobEvent]:
+    """Events ride along with requests (message.events) or come alone (message.event)."""
+    return list(message.events) + ([message.event] if message.HasField("event") else [])
+
+
 def _answer(request: pb.EvaluationRequest) -> pb.CallbackClientMessage:
     x = secant.from_tensor(request.x)
     return pb.CallbackClientMessage(result=pb.EvaluationResult(
@@ -228,9 +233,10 @@ def test_an_abandoned_job_ends_cancelled_with_its_last_iterate_after_the_lease(m
         outbox, responses = _start(stub)
         job_id, iterates = "", 0
         for message in responses:
-            if message.HasField("event"):
-                job_id = message.event.job_id
-                iterates += message.event.HasField("iterate")
+            for event in _events(message):
+                job_id = event.job_id
+                iterates += event.HasField("iterate")
+            if not message.HasField("request"):
                 continue
             if iterates >= 3:
                 break
@@ -256,7 +262,7 @@ def test_a_caller_that_never_answers_fails_its_job_at_the_deadline(make_gateway)
     with grpc.insecure_channel(server.address) as channel:
         stub = pb_grpc.OptimizerStub(channel)
         outbox, responses = _start(stub)
-        events = [m.event for m in responses if m.HasField("event")]  # never answer
+        events = [e for m in responses for e in _events(m)]  # never answer
         outbox.put(None)
         failure = events[-1]
         assert failure.HasField("failure")
@@ -273,12 +279,15 @@ def test_cancel_job_stops_an_attached_callback_solve(gateway):
         outbox, responses = _start(stub)
         job_id = ""
         answered = 0
+        result = None
         for message in responses:
-            if message.HasField("event"):
-                job_id = message.event.job_id
-                if message.event.HasField("result"):
-                    result = message.event.result
-                    break
+            for event in _events(message):
+                job_id = event.job_id
+                if event.HasField("result"):
+                    result = event.result
+            if result is not None:
+                break
+            if not message.HasField("request"):
                 continue
             answered += 1
             if answered == 5:

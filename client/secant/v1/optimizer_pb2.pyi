@@ -402,12 +402,14 @@ class EvaluationRequest(_message.Message):
     def __init__(self, request_id: _Optional[int] = ..., x: _Optional[_Union[Tensor, _Mapping]] = ..., need_f: _Optional[bool] = ..., need_gradient: _Optional[bool] = ..., hvp_vector: _Optional[_Union[Tensor, _Mapping]] = ...) -> None: ...
 
 class CallbackServerMessage(_message.Message):
-    __slots__ = ("request", "event")
+    __slots__ = ("request", "event", "events")
     REQUEST_FIELD_NUMBER: _ClassVar[int]
     EVENT_FIELD_NUMBER: _ClassVar[int]
+    EVENTS_FIELD_NUMBER: _ClassVar[int]
     request: EvaluationRequest
     event: JobEvent
-    def __init__(self, request: _Optional[_Union[EvaluationRequest, _Mapping]] = ..., event: _Optional[_Union[JobEvent, _Mapping]] = ...) -> None: ...
+    events: _containers.RepeatedCompositeFieldContainer[JobEvent]
+    def __init__(self, request: _Optional[_Union[EvaluationRequest, _Mapping]] = ..., event: _Optional[_Union[JobEvent, _Mapping]] = ..., events: _Optional[_Iterable[_Union[JobEvent, _Mapping]]] = ...) -> None: ...
 
 class TrainRequest(_message.Message):
     __slots__ = ("spec", "data", "idempotency_key")
