@@ -13,7 +13,7 @@ from secant._aio import AsyncBatch, AsyncClient, AsyncJob
 from secant._client import Batch, Client, Job
 from secant._core import DEFAULT_ADDRESS, RetryPolicy, TLSConfig
 from secant._errors import SecantError
-from secant._problem import Bounds, Expression, Residual, build_problem
+from secant._problem import Bounds, Expression, Pickled, Residual, TorchExport, build_problem
 from secant._result import IterateRecord, JobState, OptimizeResult, Status, plot_history
 from secant._tensors import from_tensor, to_tensor
 
@@ -32,11 +32,13 @@ __all__ = [
     "Job",
     "JobState",
     "OptimizeResult",
+    "Pickled",
     "Residual",
     "RetryPolicy",
     "SecantError",
     "Status",
     "TLSConfig",
+    "TorchExport",
     "__version__",
     "build_problem",
     "from_tensor",

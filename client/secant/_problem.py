@@ -42,6 +42,55 @@ class Residual:
 
 
 @dataclass(frozen=True)
+class TorchExport:
+    """A ``torch.export`` program computing f(x) (trusted servers and callers only: loading
+    an archive can run code). Build one with ``TorchExport.from_module(module, n)``."""
+
+    program: bytes
+
+    @classmethod
+    def from_module(cls, module: Any, n: int, dtype: Any = None) -> TorchExport:
+        """Exports ``module(x) -> scalar`` with a dynamic length (needs torch; ~1 s)."""
+        import io
+
+        import torch
+
+        dtype = dtype or torch.float64
+        example = torch.zeros(n, dtype=dtype)
+        length = torch.export.Dim("n", min=3)
+        program = torch.export.export(module, (example,), dynamic_shapes={"x": {0: length}})
+        buffer = io.BytesIO()
+        torch.export.save(program, buffer)
+        return cls(buffer.getvalue())
+
+
+@dataclass(frozen=True)
+class Pickled:
+    """A cloudpickled callable f(x) of a torch tensor (trusted servers and callers only)."""
+
+    blob: bytes
+
+    @classmethod
+    def from_callable(cls, fun: Any) -> Pickled:
+        """Pickles ``fun`` by value, its own module included (the server cannot import the
+        caller's modules); libraries such as torch are referenced, not copied."""
+        import sys
+
+        import cloudpickle
+
+        module = sys.modules.get(getattr(fun, "__module__", None) or "")
+        by_value = module is not None and module.__name__ != "__main__" and not (
+            module.__name__.split(".")[0] in {"torch", "numpy", "builtins", "math"})
+        if by_value:
+            cloudpickle.register_pickle_by_value(module)
+        try:
+            return cls(cloudpickle.dumps(fun))
+        finally:
+            if by_value:
+                cloudpickle.unregister_pickle_by_value(module)
+
+
+@dataclass(frozen=True)
 class Bounds:
     """Box constraints: ``lower <= x <= upper`` (scalars broadcast; None or +/-inf: unbounded)."""
 
@@ -49,7 +98,7 @@ class Bounds:
     upper: Any = None
 
 
-Objective = str | Expression | Residual
+Objective = str | Expression | Residual | TorchExport | Pickled
 
 
 def build_problem(
@@ -140,6 +189,10 @@ def build_objective(objective: Objective, data: DataLike | None = None) -> pb.Ob
         wire = pb.Objective(expression=objective.source)
     elif isinstance(objective, Residual):
         wire = pb.Objective(residual=objective.source)
+    elif isinstance(objective, TorchExport):
+        wire = pb.Objective(torch_export=objective.program)
+    elif isinstance(objective, Pickled):
+        wire = pb.Objective(cloudpickle=objective.blob)
     else:
         raise TypeError(
             "objective must be a DSL string, secant.Expression or secant.Residual, "
