@@ -21,6 +21,10 @@ class LimitExceeded(Exception):
     """A request is larger than this server allows (dimension, expression, jobs in flight)."""
 
 
+class Unauthenticated(Exception):
+    """No valid credentials came with the call (no token, or one this server does not know)."""
+
+
 class JobNotFound(LookupError):
     def __init__(self, job_id: str) -> None:
         super().__init__(f"job_id: no job {job_id!r}")
@@ -30,6 +34,8 @@ class JobNotFound(LookupError):
 def status_for(exc: BaseException) -> tuple[grpc.StatusCode, str]:
     """Maps a domain exception to (status code, message for the caller)."""
     # Order matters: ObjectiveError is a ValueError; UntrustedCodeError a PermissionError.
+    if isinstance(exc, Unauthenticated):
+        return grpc.StatusCode.UNAUTHENTICATED, str(exc) or "unauthenticated"
     if isinstance(exc, LimitExceeded):
         return grpc.StatusCode.RESOURCE_EXHAUSTED, str(exc)
     if isinstance(exc, JobNotFound):

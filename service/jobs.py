@@ -29,6 +29,7 @@ from dataclasses import dataclass, field
 import numpy as np
 
 from secant.v1 import optimizer_pb2 as pb
+from service.auth import Caller, visible
 from service.errors import JobNotFound, LimitExceeded
 from service.metrics import Metrics
 from service.scheduler import Scheduler
@@ -109,6 +110,8 @@ class JobManager:
         self._db = ThreadPoolExecutor(max_workers=1, thread_name_prefix="secant-db")
         self._live: dict[str, _LiveJob] = {}
         self._reserved = 0
+        # Per-caller quota use: owner -> [jobs, dimensions] queued or running (or reserved).
+        self._usage: dict[str, list[int]] = {}
         self._pending_events: list[pb.JobEvent] = []
         self._dirty: dict[str, _LiveJob] = {}
         self._flush_lock = asyncio.Lock()
@@ -170,19 +173,64 @@ class JobManager:
     # -- submitting ------------------------------------------------------------------------
 
     async def submit(
-        self, spec: SolveSpec, problem: pb.Problem, *, idempotency_key: str = ""
+        self,
+        spec: SolveSpec,
+        problem: pb.Problem,
+        *,
+        idempotency_key: str = "",
+        caller: Caller | None = None,
     ) -> pb.Job:
-        jobs = await self._create([(spec, problem)], batch_id="", idempotency_key=idempotency_key)
+        jobs = await self._create(
+            [(spec, problem)], batch_id="", idempotency_key=idempotency_key, caller=caller
+        )
         return jobs[0]
 
     async def submit_batch(
-        self, items: Sequence[tuple[SolveSpec, pb.Problem]]
+        self, items: Sequence[tuple[SolveSpec, pb.Problem]], *, caller: Caller | None = None
     ) -> tuple[str, list[pb.Job]]:
         batch_id = uuid.uuid4().hex
-        return batch_id, await self._create(items, batch_id=batch_id)
+        return batch_id, await self._create(items, batch_id=batch_id, caller=caller)
+
+    def _reserve_quota(self, owner: str, items) -> tuple[int, int]:
+        """Counts `items` against the owner's quotas, or raises LimitExceeded naming the
+        quota and the numbers. Returns what was reserved, for `_release_quota`."""
+        jobs, dims = len(items), sum(spec.n for spec, _ in items)
+        used = self._usage.setdefault(owner, [0, 0])
+        who = f"caller {owner!r}" if owner else "this (unauthenticated) caller"
+        limits = self._limits
+        if used[0] + jobs > limits.max_jobs_per_caller:
+            raise LimitExceeded(
+                f"quota max_jobs_per_caller: {who} has {used[0]} jobs queued or running and"
+                f" asked for {jobs} more; the quota is {limits.max_jobs_per_caller}"
+                " (--max-jobs-per-caller)"
+            )
+        if used[1] + dims > limits.max_dimension_per_caller:
+            raise LimitExceeded(
+                f"quota max_dimension_per_caller: {who} has {used[1]} dimensions in queued or"
+                f" running jobs and asked for {dims} more; the quota is"
+                f" {limits.max_dimension_per_caller} (--max-dimension-per-caller)"
+            )
+        used[0] += jobs
+        used[1] += dims
+        return jobs, dims
+
+    def _release_quota(self, owner: str, jobs: int, dims: int) -> None:
+        used = self._usage.get(owner)
+        if used is None:
+            return
+        used[0] -= jobs
+        used[1] -= dims
+        if used[0] <= 0:
+            del self._usage[owner]
 
     async def _create(
-        self, items, *, batch_id: str, idempotency_key: str = "", kind: str = "solve"
+        self,
+        items,
+        *,
+        batch_id: str,
+        idempotency_key: str = "",
+        kind: str = "solve",
+        caller: Caller | None = None,
     ) -> list[pb.Job]:
         for spec, _ in items:
             self._scheduler.check_capacity(spec.device)
@@ -194,12 +242,20 @@ class JobManager:
                 f"{in_flight} jobs are queued or running; this server takes at most"
                 f" {self._limits.max_concurrent_jobs} (--max-concurrent-jobs)"
             )
+        owner = caller.name if caller is not None else ""
+        if idempotency_key and owner:
+            # Keys are per caller: another caller's key must neither collide nor reveal a job.
+            idempotency_key = f"{owner}/{idempotency_key}"
+        self._reserve_quota(owner, items)
+        # Released per job when it ends (_finish); the rest (idempotent retries, errors) below.
+        unreleased = {id(item): item[0].n for item in items}
         self._reserved += len(items)
         try:
             new_jobs, lives = [], []
             for spec, problem in items:
                 job = pb.Job(
                     job_id=uuid.uuid4().hex,
+                    owner=owner,
                     state=pb.QUEUED,
                     method=spec.method,
                     n=spec.n,
@@ -222,14 +278,19 @@ class JobManager:
                 )
                 lives.append(_LiveJob(job, spec, time.monotonic(), [accepted]))
             stored = await self._in_db(self._store.create_jobs, new_jobs)
+        except BaseException:
+            self._release_quota(owner, len(unreleased), sum(unreleased.values()))
+            raise
         finally:
             self._reserved -= len(items)
         results = []
-        for live, job in zip(lives, stored, strict=True):
+        for item, live, job in zip(items, lives, stored, strict=True):
             if job.job_id != live.job.job_id:  # an idempotent retry: the first job stands
+                self._release_quota(owner, 1, unreleased.pop(id(item)))
                 first = self._live.get(job.job_id)
                 results.append(_copy(first.job) if first is not None else job)
                 continue
+            unreleased.pop(id(item))
             self._live[job.job_id] = live
             if kind == "solve":
                 live.task = asyncio.create_task(self._run(live), name=f"job-{job.job_id}")
@@ -359,7 +420,8 @@ class JobManager:
         for queue in live.watchers:
             queue.put_nowait(final)
             queue.put_nowait(None)
-        self._live.pop(job.job_id, None)
+        if self._live.pop(job.job_id, None) is not None:
+            self._release_quota(job.owner, 1, live.spec.n)
         self._record_finish(live, wall)
 
     def _record_finish(self, live: _LiveJob, wall: float) -> None:
@@ -433,35 +495,42 @@ class JobManager:
 
     # -- reading ---------------------------------------------------------------------------
 
-    async def get(self, job_id: str) -> pb.Job:
+    async def get(self, job_id: str, *, caller: Caller | None = None) -> pb.Job:
+        """The job's record. Another caller's job is JobNotFound, as if it did not exist."""
         live = self._live.get(job_id)
-        if live is not None:
+        if live is not None and visible(caller, live.job.owner):
             return _copy(live.job)
-        job = await self._in_db(self._store.get_job, job_id)
-        if job is None:
+        job = await self._in_db(self._store.get_job, job_id) if live is None else None
+        if job is None or not visible(caller, job.owner):
             raise JobNotFound(job_id)
         return job
 
     async def list(
         self, *, state: int = 0, method: str = "", batch_id: str = "", page_size: int = 0,
-        page_token: str = "",
+        page_token: str = "", caller: Caller | None = None,
     ) -> JobPage:
+        """Newest first; a caller (not admin) lists only its own jobs."""
+        owner = None if caller is None or caller.is_admin else caller.name
         page = await self._in_db(
             self._store.list_jobs, state=state, method=method, batch_id=batch_id,
-            page_size=page_size, page_token=page_token,
+            page_size=page_size, page_token=page_token, owner=owner,
         )
         # The store lags live jobs by up to one flush interval; show the live record.
         jobs = [_copy(self._live[j.job_id].job) if j.job_id in self._live else j for j in page.jobs]
         return JobPage(jobs, page.next_page_token)
 
-    async def watch(self, job_id: str, after_seq: int = 0) -> AsyncIterator[pb.JobEvent]:
+    async def watch(
+        self, job_id: str, after_seq: int = 0, *, caller: Caller | None = None
+    ) -> AsyncIterator[pb.JobEvent]:
         """Every event with seq > after_seq, then live ones until the job ends."""
         if after_seq < 0:
             raise ValueError(f"after_seq: must be >= 0, got {after_seq}")
         live = self._live.get(job_id)
+        if live is not None and not visible(caller, live.job.owner):
+            raise JobNotFound(job_id)
         if live is None:
             job = await self._in_db(self._store.get_job, job_id)
-            if job is None:
+            if job is None or not visible(caller, job.owner):
                 raise JobNotFound(job_id)
             live = self._live.get(job_id)
         if live is None:  # finished: everything is in the store
@@ -488,10 +557,10 @@ class JobManager:
 
     # -- cancelling ------------------------------------------------------------------------
 
-    async def cancel(self, job_id: str) -> pb.Job:
+    async def cancel(self, job_id: str, *, caller: Caller | None = None) -> pb.Job:
         live = self._live.get(job_id)
-        if live is None:
-            return await self.get(job_id)  # already ended (or unknown: NotFound)
+        if live is None or not visible(caller, live.job.owner):
+            return await self.get(job_id, caller=caller)  # ended, foreign or unknown: NotFound
         if not live.cancel_requested:
             live.cancel_requested = True
             log.info("job cancel requested", extra={"job_id": job_id})
@@ -515,15 +584,18 @@ class JobManager:
 
     # -- callback jobs (the solver runs in the gateway; see service.callbacks) -------------
 
-    async def create_callback_job(self, spec: SolveSpec, problem: pb.Problem) -> _LiveJob:
+    async def create_callback_job(
+        self, spec: SolveSpec, problem: pb.Problem, *, caller: Caller | None = None
+    ) -> _LiveJob:
         """Stores a callback job (accepted, seq 1) and returns its live record."""
-        (job,) = await self._create([(spec, problem)], batch_id="", kind="callback")
+        (job,) = await self._create([(spec, problem)], batch_id="", kind="callback",
+                                    caller=caller)
         return self._live[job.job_id]
 
-    def callback_job(self, job_id: str) -> _LiveJob:
+    def callback_job(self, job_id: str, *, caller: Caller | None = None) -> _LiveJob:
         """The live record of a callback job of this gateway, to resume it."""
         live = self._live.get(job_id)
-        if live is None:
+        if live is None or not visible(caller, live.job.owner):
             raise JobNotFound(job_id)
         if live.job.kind != "callback":
             raise ValueError(f"start.resume_job_id: job {job_id!r} is not a callback job")

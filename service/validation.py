@@ -5,7 +5,9 @@ Checks, in order: the server's limits (LimitExceeded -> RESOURCE_EXHAUSTED), the
 dtype/shape/byte counts, the method and options (workers.solvers.check_problem), and the
 objective itself (workers.objectives.build_objective, which compiles it and evaluates it once at
 x0, so shape errors surface here and not on a worker). Trusted-code objectives on a server
-started without --trust-code are a PermissionError. Nothing is created before this passes.
+started without --trust-code, or from a caller without the `trust-code` role (the caller the
+auth interceptor put in service.auth's contextvar), are a PermissionError. Nothing is created
+before this passes.
 """
 
 from __future__ import annotations
@@ -17,6 +19,7 @@ import numpy as np
 import torch
 
 from secant.v1 import optimizer_pb2 as pb
+from service.auth import current_caller
 from service.errors import LimitExceeded
 from workers.objectives import (
     ExpressionLimits,
@@ -58,6 +61,9 @@ class Limits:
     max_expression_length: int = 10_000
     max_concurrent_jobs: int = 10_000  # queued + running, across callers
     max_batch_size: int = 10_000
+    # Quotas per caller (the token's caller name; one anonymous caller without auth).
+    max_jobs_per_caller: int = 1_000  # queued + running
+    max_dimension_per_caller: int = 100_000_000  # sum of n over its queued + running jobs
 
 
 @dataclass(frozen=True)
@@ -163,6 +169,12 @@ def validate_problem(
         raise PermissionError(
             f"{where}.objective.{kind}: this server runs caller code only when started with"
             " --trust-code; send an expression instead"
+        )
+    caller = current_caller()
+    if kind in TRUSTED_KINDS and caller is not None and "trust-code" not in caller.roles:
+        raise PermissionError(
+            f"{where}.objective.{kind}: caller {caller.name!r} lacks the role 'trust-code'"
+            " that objectives carrying code need; send an expression instead"
         )
     source = getattr(objective, kind) if kind in ("expression", "residual") else ""
     blob = getattr(objective, kind) if kind in TRUSTED_KINDS else b""

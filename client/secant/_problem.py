@@ -79,8 +79,7 @@ class Pickled:
         import cloudpickle
 
         module = sys.modules.get(getattr(fun, "__module__", None) or "")
-        by_value = module is not None and module.__name__ != "__main__" and not (
-            module.__name__.split(".")[0] in {"torch", "numpy", "builtins", "math"})
+        by_value = module is not None and module.__name__ != "__main__" and module.__name__.split(".")[0] not in {"torch", "numpy", "builtins", "math"}
         if by_value:
             cloudpickle.register_pickle_by_value(module)
         try:

@@ -717,3 +717,24 @@ def test_scipy_option_spellings_are_accepted():
     )
 
     assert result.status is Status.MAX_ITERATIONS and result.nit == 2
+
+
+@pytest.mark.parametrize("method", ["l-bfgs", "bfgs", "newton-cg", "l-bfgs-b"])
+def test_jac_true_means_fun_returns_value_and_gradient(method):
+    calls = [0]
+
+    def fun_and_grad(x):
+        calls[0] += 1
+        a, b = x[0], x[1]
+        grad = np.array(  # numpy, as scipy users write it
+            [float(-400 * a * (b - a * a) - 2 * (1 - a)), float(200 * (b - a * a))]
+        )
+        return _ROSEN.fun(x), grad  # f keeps its graph: Newton-CG's HVPs come from it
+
+    result = minimize(fun_and_grad, _X0, method=method, jac=True)
+    reference = minimize(_ROSEN.fun, _X0, method=method)
+
+    assert result.success and _ROSEN.is_solved(result.fun)
+    assert result.nfev == reference.nfev and result.nit == reference.nit
+    if method in ("l-bfgs", "bfgs"):  # f and g in one call per evaluation
+        assert calls[0] == result.nfev

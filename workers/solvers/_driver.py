@@ -265,7 +265,8 @@ def minimize(fun, x0: Tensor, *, method: str = "l-bfgs", jac=None, hessp=None, h
              on_iteration: Callable[[SolveState], None] | None = None) -> SolverResult:
     """Minimizes a scalar torch function, scipy.optimize.minimize style.
 
-    fun(x) -> 0-d tensor; jac/hessp/hess default to autograd. `callback(info)` runs after
+    fun(x) -> 0-d tensor; jac/hessp/hess default to autograd; `jac=True` means fun(x)
+    returns (f, g) in one call, as scipy's. `callback(info)` runs after
     every iteration; returning True stops the solve with Status.CANCELLED.
     """
     info = canonical_method(method)

@@ -52,13 +52,15 @@ class LocalEvaluator:
 
     Costs: f alone runs without a graph; f+g is one forward and one backward; an HVP is a
     double backward; the dense Hessian costs n HVPs (torch.func.hessian) and n^2 memory.
+    `jac=True` (scipy's spelling) means fun(x) returns (f, g) together: one call per
+    evaluation, second derivatives by autograd through f.
     """
 
     def __init__(
         self,
-        fun: ScalarFn | None = None,
+        fun: Callable[[Tensor], Tensor | tuple[Tensor, Tensor]] | None = None,
         *,
-        jac: ScalarFn | None = None,
+        jac: ScalarFn | bool | None = None,
         hessp: Callable[[Tensor, Tensor], Tensor] | None = None,
         hess: ScalarFn | None = None,
         residual: ScalarFn | None = None,
@@ -74,6 +76,18 @@ class LocalEvaluator:
                 r = residual(x)
                 return 0.5 * torch.dot(r, r)
 
+        self._fun_and_grad = None
+        if jac is True:
+            if fun is None:
+                raise ValueError("jac=True needs fun(x) returning (f, g)")
+            self._fun_and_grad = fun
+
+            def fun(x: Tensor, _both=fun) -> Tensor:
+                return _both(x)[0]
+
+            jac = None
+        elif jac is False:
+            jac = None
         self._fun = fun
         self._jac = jac
         self._hessp = hessp
@@ -99,6 +113,11 @@ class LocalEvaluator:
         return out
 
     def _value_and_grad(self, x: Tensor) -> tuple[Tensor, Tensor]:
+        if self._fun_and_grad is not None:
+            with torch.no_grad():
+                f, g = self._fun_and_grad(x)
+            return torch.as_tensor(f, dtype=x.dtype, device=x.device).detach(), torch.as_tensor(
+                g, dtype=x.dtype, device=x.device).detach()
         if self._jac is not None:
             with torch.no_grad():
                 return self._fun(x).detach(), self._jac(x).detach()

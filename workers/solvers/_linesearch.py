@@ -66,79 +66,99 @@ class BacktrackingArmijo:
 
 @dataclass(frozen=True)
 class StrongWolfe:
-    """Strong Wolfe conditions by bracketing and zoom with cubic interpolation.
+    """Strong Wolfe conditions by More & Thuente's safeguarded search (MINPACK-2 dcsrch).
 
     Sufficient decrease phi(a) <= phi0 + c1 a derphi0, curvature |derphi(a)| <= c2 |derphi0|.
+    The interval of uncertainty is updated by `_dcstep` (cubic and quadratic interpolation
+    with safeguards); before a bracket exists, trials extrapolate within
+    [a + 1.1 (a - a_x), a + 4 (a - a_x)] -- the search scipy's BFGS and L-BFGS-B use.
+    A non-finite value at a trial shrinks toward the best finite point and caps later trials
+    below it. `alpha_max` bounds every trial (a feasible segment's end, say).
     """
 
     c1: float = 1e-4
     c2: float = 0.9
     max_trials: int = 30
     alpha_max: float = 1e10
+    xtol: float = 1e-14
+    max_stale: int = 5
     needs_gradient: bool = True
 
     def __post_init__(self) -> None:
         if not 0.0 < self.c1 < self.c2 < 1.0:
             raise ValueError(f"StrongWolfe(c1={self.c1}, c2={self.c2}): need 0 < c1 < c2 < 1")
 
-    def search(self, phi0: float, derphi0: float, alpha0: float, decrease=None) -> Trial:
+    def search(self, phi0: float, derphi0: float, alpha0: float, decrease=None,
+               alpha_max: float | None = None) -> Trial:
         c1, c2 = self.c1, self.c2
+        stpmax = self.alpha_max if alpha_max is None else min(alpha_max, self.alpha_max)
+        gtest = c1 * derphi0
         saw_nonfinite = False
-        a_prev, phi_prev, der_prev = 0.0, phi0, derphi0
-        alpha = min(alpha0, self.alpha_max)
-        trials = 0
-        bracket = None
-        while trials < self.max_trials:
-            phi, der = yield alpha
-            trials += 1
-            if not (math.isfinite(phi) and der is not None and math.isfinite(der)):
-                # Too far: something in (a_prev, alpha) is finite; shrink toward the last good step.
+        brackt, stage = False, 1
+        width = stpmax
+        width1 = 2.0 * width
+        # stx: the best step so far; sty: the other end of the interval.
+        stx, fx, gx = 0.0, phi0, derphi0
+        sty, fy, gy = 0.0, phi0, derphi0
+        stp = min(max(alpha0, 0.0), stpmax)
+        if not stp > 0:
+            stp = min(1.0, stpmax)
+        stmin, stmax = 0.0, 5.0 * stp
+        cap = math.inf  # trials stay below a step where f or g was not finite
+        f_best, stale = phi0, 0  # bracketed trials since f last went below f_best
+        for _ in range(self.max_trials):
+            f, g = yield stp
+            if not (math.isfinite(f) and g is not None and math.isfinite(g)):
                 saw_nonfinite = True
-                alpha = a_prev + 0.25 * (alpha - a_prev)
-                if alpha - a_prev <= 1e-16 * max(1.0, alpha):
+                if stp > stx:
+                    cap = min(cap, stp)
+                    if brackt and sty > stx:
+                        brackt = False
+                stp = stx + 0.25 * (stp - stx)
+                if abs(stp - stx) <= 1e-16 * max(1.0, stx):
                     break
                 continue
-            if phi > phi0 + c1 * alpha * derphi0 or (trials > 1 and phi >= phi_prev):
-                bracket = (a_prev, phi_prev, der_prev, alpha, phi, der)
+            ftest = phi0 + stp * gtest
+            if f <= ftest and abs(g) <= c2 * -derphi0:
+                return LineSearchResult(stp, f, g, True, saw_nonfinite)
+            if stage == 1 and f <= ftest and g >= 0:
+                stage = 2
+            if brackt and (stp <= stmin or stp >= stmax or stmax - stmin <= self.xtol * stmax):
+                break  # rounding errors prevent progress
+            stale = 0 if f < f_best else stale + int(brackt)
+            f_best = min(f, f_best)
+            if stale >= self.max_stale:
+                break  # a bracket that f cannot resolve: noise or rounding, not curvature
+            if stp == stpmax and f <= ftest and g <= gtest:
+                break  # the search would go past alpha_max
+            if stage == 1 and fx >= f > ftest:
+                # The modified function psi(a) = phi(a) - phi0 - c1 a derphi0 drives the step.
+                stx, fxm, gxm, sty, fym, gym, stp, brackt = _dcstep(
+                    stx, fx - stx * gtest, gx - gtest, sty, fy - sty * gtest, gy - gtest,
+                    stp, f - stp * gtest, g - gtest, brackt, stmin, stmax,
+                )
+                fx, fy = fxm + stx * gtest, fym + sty * gtest
+                gx, gy = gxm + gtest, gym + gtest
+            else:
+                stx, fx, gx, sty, fy, gy, stp, brackt = _dcstep(
+                    stx, fx, gx, sty, fy, gy, stp, f, g, brackt, stmin, stmax
+                )
+            if brackt:
+                if abs(sty - stx) >= 0.66 * width1:
+                    stp = stx + 0.5 * (sty - stx)
+                width1, width = width, abs(sty - stx)
+                stmin, stmax = min(stx, sty), max(stx, sty)
+            else:
+                stmin, stmax = stp + 1.1 * (stp - stx), stp + 4.0 * (stp - stx)
+            stp = min(max(stp, 0.0), stpmax)
+            if brackt and (stp <= stmin or stp >= stmax or stmax - stmin <= self.xtol * stmax):
+                stp = stx
+            if stp >= cap:
+                stp = stx + 0.5 * (cap - stx)
+            if not math.isfinite(stp):
                 break
-            if abs(der) <= -c2 * derphi0:
-                return LineSearchResult(alpha, phi, der, True, saw_nonfinite)
-            if der >= 0:
-                bracket = (alpha, phi, der, a_prev, phi_prev, der_prev)
-                break
-            a_prev, phi_prev, der_prev = alpha, phi, der
-            if alpha >= self.alpha_max:
-                return LineSearchResult(alpha, phi, der, False, saw_nonfinite)
-            alpha = min(2.0 * alpha if trials > 1 else 2.0 * alpha, self.alpha_max)
-        if bracket is None:
-            return LineSearchResult(a_prev, phi_prev, der_prev, False, saw_nonfinite)
-
-        a_lo, phi_lo, der_lo, a_hi, phi_hi, der_hi = bracket
-        while trials < self.max_trials:
-            width = abs(a_hi - a_lo)
-            if width <= 1e-14 * max(1.0, abs(a_lo), abs(a_hi)):
-                break
-            alpha = _cubicmin(a_lo, phi_lo, der_lo, a_hi, phi_hi, der_hi)
-            lo, hi = min(a_lo, a_hi), max(a_lo, a_hi)
-            margin = 0.1 * width
-            if alpha is None or not (lo + margin <= alpha <= hi - margin):
-                alpha = 0.5 * (a_lo + a_hi)
-            phi, der = yield alpha
-            trials += 1
-            if not (math.isfinite(phi) and der is not None and math.isfinite(der)):
-                saw_nonfinite = True
-                a_hi, phi_hi, der_hi = alpha, math.inf, math.inf
-                continue
-            if phi > phi0 + c1 * alpha * derphi0 or phi >= phi_lo:
-                a_hi, phi_hi, der_hi = alpha, phi, der
-                continue
-            if abs(der) <= -c2 * derphi0:
-                return LineSearchResult(alpha, phi, der, True, saw_nonfinite)
-            if der * (a_hi - a_lo) >= 0:
-                a_hi, phi_hi, der_hi = a_lo, phi_lo, der_lo
-            a_lo, phi_lo, der_lo = alpha, phi, der
         # No Wolfe point: hand back the best sufficient-decrease point, marked unsuccessful.
-        return LineSearchResult(a_lo, phi_lo, der_lo, False, saw_nonfinite)
+        return LineSearchResult(stx, fx, gx, False, saw_nonfinite)
 
 
 def _quadmin_from_origin(phi0: float, derphi0: float, a: float, phi_a: float) -> float | None:
@@ -168,19 +188,81 @@ def _cubicmin_from_origin(
     return result if math.isfinite(result) else None
 
 
-def _cubicmin(
-    a1: float, f1: float, g1: float, a2: float, f2: float, g2: float
-) -> float | None:
-    """Minimizer of the cubic matching values and slopes at a1 and a2 (N&W eq. 3.59)."""
-    if not all(math.isfinite(v) for v in (f1, g1, f2, g2)) or a1 == a2:
-        return None
-    d1 = g1 + g2 - 3 * (f1 - f2) / (a1 - a2)
-    radical = d1 * d1 - g1 * g2
-    if radical < 0:
-        return None
-    d2 = math.copysign(math.sqrt(radical), a2 - a1)
-    denom = g2 - g1 + 2 * d2
-    if denom == 0:
-        return None
-    result = a2 - (a2 - a1) * (g2 + d2 - d1) / denom
-    return result if math.isfinite(result) else None
+def _dcstep(stx, fx, dx, sty, fy, dy, stp, fp, dp, brackt, stpmin, stpmax):
+    """One safeguarded step of More & Thuente's search (MINPACK-2 dcstep).
+
+    (stx, fx, dx) is the best step so far, (sty, fy, dy) the other end of the interval,
+    (stp, fp, dp) the new trial. Returns the updated ends, the next trial and `brackt`.
+    """
+    sgnd = math.copysign(1.0, dp) * math.copysign(1.0, dx) if dp and dx else 0.0
+    if fp > fx:
+        # Higher value: the minimum is bracketed. Cubic, or halfway to the quadratic step.
+        theta = 3.0 * (fx - fp) / (stp - stx) + dx + dp
+        s = max(abs(theta), abs(dx), abs(dp))
+        gamma = s * math.sqrt(max(0.0, (theta / s) ** 2 - (dx / s) * (dp / s)))
+        if stp < stx:
+            gamma = -gamma
+        p = (gamma - dx) + theta
+        q = ((gamma - dx) + gamma) + dp
+        stpc = stx + (p / q) * (stp - stx)
+        stpq = stx + ((dx / ((fx - fp) / (stp - stx) + dx)) / 2.0) * (stp - stx)
+        stpf = stpc if abs(stpc - stx) <= abs(stpq - stx) else stpc + (stpq - stpc) / 2.0
+        brackt = True
+    elif sgnd < 0.0:
+        # Derivatives of opposite sign: bracketed. The step farther from stp.
+        theta = 3.0 * (fx - fp) / (stp - stx) + dx + dp
+        s = max(abs(theta), abs(dx), abs(dp))
+        gamma = s * math.sqrt(max(0.0, (theta / s) ** 2 - (dx / s) * (dp / s)))
+        if stp > stx:
+            gamma = -gamma
+        p = (gamma - dp) + theta
+        q = ((gamma - dp) + gamma) + dx
+        stpc = stp + (p / q) * (stx - stp)
+        stpq = stp + (dp / (dp - dx)) * (stx - stp)
+        stpf = stpc if abs(stpc - stp) > abs(stpq - stp) else stpq
+        brackt = True
+    elif abs(dp) < abs(dx):
+        # Same sign, derivative shrinking: cubic if it points the right way, else the secant.
+        theta = 3.0 * (fx - fp) / (stp - stx) + dx + dp
+        s = max(abs(theta), abs(dx), abs(dp))
+        gamma = s * math.sqrt(max(0.0, (theta / s) ** 2 - (dx / s) * (dp / s)))
+        if stp > stx:
+            gamma = -gamma
+        p = (gamma - dp) + theta
+        q = (gamma + (dx - dp)) + gamma
+        r = p / q if q != 0 else 0.0
+        if r < 0 and gamma != 0:
+            stpc = stp + r * (stx - stp)
+        elif stp > stx:
+            stpc = stpmax
+        else:
+            stpc = stpmin
+        stpq = stp + (dp / (dp - dx)) * (stx - stp)
+        if brackt:
+            stpf = stpc if abs(stpc - stp) < abs(stpq - stp) else stpq
+            if stp > stx:
+                stpf = min(stp + 0.66 * (sty - stp), stpf)
+            else:
+                stpf = max(stp + 0.66 * (sty - stp), stpf)
+        else:
+            stpf = stpc if abs(stpc - stp) > abs(stpq - stp) else stpq
+            stpf = min(max(stpf, stpmin), stpmax)
+    elif brackt:
+        # Same sign, derivative not shrinking, bracketed: cubic with the far end.
+        theta = 3.0 * (fp - fy) / (sty - stp) + dy + dp
+        s = max(abs(theta), abs(dy), abs(dp))
+        gamma = s * math.sqrt(max(0.0, (theta / s) ** 2 - (dy / s) * (dp / s)))
+        if stp > sty:
+            gamma = -gamma
+        p = (gamma - dp) + theta
+        q = ((gamma - dp) + gamma) + dy
+        stpf = stp + (p / q) * (sty - stp)
+    else:
+        stpf = stpmax if stp > stx else stpmin
+    if fp > fx:
+        sty, fy, dy = stp, fp, dp
+    else:
+        if sgnd < 0.0:
+            sty, fy, dy = stx, fx, dx
+        stx, fx, dx = stp, fp, dp
+    return stx, fx, dx, sty, fy, dy, stpf, brackt

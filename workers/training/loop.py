@@ -20,6 +20,18 @@ spec (a dict from the wire; every field checked, ValueError names the field):
 
 The callback gets a StepMetrics after every step (for L-BFGS: every iteration) and may
 return True to stop the run early.
+
+Data parallelism (workers/training/distributed.py runs one train() per Ray worker): pass a
+`communicator` with world_size > 1 and every worker draws the same global batch and trains
+on its rank's equal slice of it (batch_size must be a multiple of world_size); gradients,
+the batch loss and the stop flag are averaged in one all-reduce per step (K-FAC also
+all-reduces its factors and splits its inverses through the same communicator), so N
+workers follow the 1-worker trajectory up to float rounding. `should_stop` is polled every
+step and agreed across workers in that all-reduce, so all stop after the same step.
+`initial_state` (a checkpoint.TrainingState) resumes a minibatch run at its step;
+`on_checkpoint` receives a TrainingState every `checkpoint_every` steps (its tensors are the live
+model/optimizer/K-FAC tensors: save or copy them before returning). Full-batch L-BFGS and
+natural-gradient run on one worker only and are not checkpointed.
 """
 
 from __future__ import annotations
@@ -39,7 +51,8 @@ from torch.func import functional_call
 
 from workers.solvers import minimize
 
-from .kfac import ComputeMethod, KFACPreconditioner
+from .checkpoint import TrainingState
+from .kfac import Communicator, ComputeMethod, KFACPreconditioner, LocalCommunicator
 from .models import build_model
 from .natural_gradient import NaturalGradientPreconditioner
 
@@ -279,17 +292,35 @@ class _Stop(Exception):
 
 
 def train(spec: dict, X: Tensor, y: Tensor, *,
-          callback: Callable[[StepMetrics], bool | None] | None = None) -> TrainResult:
-    """Trains the spec's model on (X, y); see the module docstring for the spec."""
+          callback: Callable[[StepMetrics], bool | None] | None = None,
+          communicator: Communicator | None = None,
+          should_stop: Callable[[], bool] | None = None,
+          initial_state: TrainingState | None = None,
+          on_checkpoint: Callable[[TrainingState], None] | None = None,
+          checkpoint_every: int = 0,
+          device: str | torch.device | None = None) -> TrainResult:
+    """Trains the spec's model on (X, y); see the module docstring for the spec and for the
+    data-parallel, stop and checkpoint arguments."""
     parsed = TrainSpec.parse(spec)
     if X.shape[0] != y.shape[0]:
         raise ValueError(f"X and y must have as many rows, got {X.shape[0]} and {y.shape[0]}")
+    communicator = communicator or LocalCommunicator()
+    check_parallel(parsed, communicator.world_size, X.shape[0])
     torch.manual_seed(parsed.seed)
     model = build_model(parsed.model)
+    if device is not None:
+        model, X, y = model.to(device), X.to(device), y.to(device)
+    if initial_state is not None:
+        model.load_state_dict(initial_state.model)
     X_train, y_train, X_val, y_val = split(X, y, parsed.validation_fraction, parsed.seed)
     if X_train.shape[0] == 0:
         raise ValueError("validation_fraction leaves no training examples")
     run = _Run(parsed, model, X_train, y_train, callback)
+    run.communicator, run.should_stop = communicator, should_stop
+    run.initial_state, run.on_checkpoint = initial_state, on_checkpoint
+    run.checkpoint_every = checkpoint_every
+    if initial_state is not None:
+        run.step = initial_state.step
     optimizer = parsed.optimizer
     try:
         if optimizer.name == "lbfgs":
@@ -311,6 +342,20 @@ def train(spec: dict, X: Tensor, y: Tensor, *,
                        preconditioner_state=run.preconditioner_state, history=run.history)
 
 
+def check_parallel(spec: TrainSpec, world_size: int, rows: int) -> None:
+    """ValueError unless `spec` can run data-parallel on `world_size` workers (rows: the
+    whole data set, before the validation split)."""
+    if world_size == 1:
+        return
+    if spec.optimizer.name not in ("sgd", "adam", "adamw", "kfac"):
+        raise ValueError(f"optimizer {spec.optimizer.name!r} runs on one worker only; "
+                         f"data-parallel training takes sgd, adam, adamw or kfac")
+    batch = spec.batch_size or rows - int(round(spec.validation_fraction * rows))
+    if batch % world_size:
+        raise ValueError(f"batch_size ({batch}) must be a multiple of workers ({world_size}): "
+                         f"each worker trains on an equal slice of the global batch")
+
+
 class _Run:
     """The mutable state of one train() call: step counter, timings, history."""
 
@@ -323,6 +368,11 @@ class _Run:
         self.preconditioner_state: dict[str, Tensor] | None = None
         self.history: list[StepMetrics] = []
         self.generator = torch.Generator().manual_seed(spec.seed + 1)
+        self.communicator: Communicator = LocalCommunicator()
+        self.should_stop: Callable[[], bool] | None = None
+        self.initial_state: TrainingState | None = None
+        self.on_checkpoint: Callable[[TrainingState], None] | None = None
+        self.checkpoint_every = 0
 
     def batch_size(self) -> int:
         n = self.X.shape[0]
@@ -333,13 +383,19 @@ class _Run:
             return self.spec.steps
         return self.spec.epochs * math.ceil(self.X.shape[0] / self.batch_size())
 
-    def batches(self):
+    def batches(self, start_step: int = 0):
+        """Global batches; from `start_step` on, the same ones an uninterrupted run draws."""
         n, size = self.X.shape[0], self.batch_size()
+        starts = range(0, n - size + 1, size)  # drop the ragged tail: equal batches
+        skipped_epochs, offset = divmod(start_step, len(starts))
+        for _ in range(skipped_epochs):
+            torch.randperm(n, generator=self.generator)
         while True:
             order = torch.randperm(n, generator=self.generator)
-            for start in range(0, n - size + 1, size):  # drop the ragged tail: equal batches
+            for start in starts[offset:]:
                 index = order[start:start + size]
                 yield self.X[index], self.y[index]
+            offset = 0
 
     def report(self, loss: float, lr: float, damping: float | None, seconds: float,
                samples: int) -> None:
@@ -370,39 +426,74 @@ class _Run:
                 model.parameters(), lr=lr, momentum=settings.get("momentum", 0.0),
                 nesterov=settings.get("nesterov", False),
                 weight_decay=settings.get("weight_decay", 0.0))
+        communicator = self.communicator
+        rank, world = communicator.rank, communicator.world_size
         if name == "kfac":
             preconditioner = KFACPreconditioner(
-                model, lr=lr,
+                model, lr=lr, communicator=communicator,
                 **{k: settings[k] for k in ("damping", "factor_decay", "kl_clip",
                                             "factor_update_steps", "inv_update_steps",
                                             "compute_method") if k in settings})
         elif name == "natural-gradient":
             natural = NaturalGradientPreconditioner(model, loss_fn,
                                                     damping=settings.get("damping", 1e-3))
+        if self.initial_state is not None and self.step > 0:
+            optimizer.load_state_dict(self.initial_state.optimizer)
+            if preconditioner is not None and self.initial_state.preconditioner is not None:
+                preconditioner.load_state_dict(self.initial_state.preconditioner)
         model.train()
-        batches = self.batches()
+        trainable = [p for p in model.parameters() if p.requires_grad]
+        batches = self.batches(self.step)
         try:
-            for _ in range(steps):
+            while self.step < steps:
                 xb, yb = next(batches)
+                global_rows = xb.shape[0]
+                if world > 1:  # this worker's equal slice of the global batch
+                    rows = global_rows // world
+                    xb, yb = xb[rank * rows:(rank + 1) * rows], yb[rank * rows:(rank + 1) * rows]
                 start = time.perf_counter()
                 optimizer.zero_grad(set_to_none=True)
                 damping = None
+                stop = self.should_stop is not None and bool(self.should_stop())
                 if natural is not None:
                     damping = natural.current_damping
                     loss = natural.step(xb, yb)
+                    loss_value = float(loss.detach())
                 else:
                     loss = loss_fn(model(xb), yb)
                     loss.backward()
+                    loss_value, stop = self._synchronize(trainable, loss, stop)
                     if preconditioner is not None:
                         damping = preconditioner.current_damping
                         preconditioner.step()
                 optimizer.step()
-                loss_value = float(loss.detach())
-                self.report(loss_value, lr, damping, time.perf_counter() - start, xb.shape[0])
+                self.report(loss_value, lr, damping, time.perf_counter() - start, global_rows)
+                if (self.on_checkpoint is not None and self.checkpoint_every
+                        and self.step % self.checkpoint_every == 0 and self.step < steps):
+                    self.on_checkpoint(TrainingState(
+                        step=self.step, model=model.state_dict(),
+                        optimizer=optimizer.state_dict(),
+                        preconditioner=None if preconditioner is None
+                        else preconditioner.state_dict()))
+                if stop:
+                    raise _Stop
         finally:
             if preconditioner is not None:
                 preconditioner.remove_hooks()
                 self.preconditioner_state = preconditioner.state_dict()
+
+    def _synchronize(self, trainable: list[Tensor], loss: Tensor, stop: bool) -> tuple[float, bool]:
+        """Data parallelism's gradient average (DDP's job, done by hand in one flat all-reduce
+        that also carries the batch loss and the stop flag). Returns (global batch loss,
+        whether any worker asked to stop)."""
+        if self.communicator.world_size == 1:
+            return float(loss.detach()), stop
+        for p in trainable:
+            if p.grad is None:
+                p.grad = torch.zeros_like(p)
+        info = torch.stack([loss.detach(), loss.new_tensor(float(stop))]).to(trainable[0].dtype)
+        self.communicator.all_reduce_mean([p.grad for p in trainable] + [info])
+        return float(info[0]), bool(info[1] > 0)
 
     def lbfgs(self, settings: dict) -> None:
         """Full batch L-BFGS (workers.solvers) on the flattened parameters."""
@@ -423,7 +514,7 @@ class _Run:
                 self.report(info.f, info.step_size, None, seconds, X.shape[0])
             except _Stop:
                 return True
-            return False
+            return self.should_stop is not None and bool(self.should_stop())
 
         options = {"max_iter": settings.get("max_iter", 200), "gtol": settings.get("gtol", 1e-6)}
         if "history_size" in settings:
@@ -484,6 +575,7 @@ __all__ = [
     "StepMetrics",
     "TrainResult",
     "TrainSpec",
+    "check_parallel",
     "evaluate",
     "flat_objective",
     "load_weights",
