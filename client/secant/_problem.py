@@ -20,6 +20,7 @@ from secant._tensors import to_tensor, wire_dtype
 from secant.v1 import optimizer_pb2 as pb
 
 DataLike = Mapping[str, Any]
+_LIBRARIES = frozenset({"torch", "numpy", "builtins", "math"})  # pickled by reference
 
 
 @dataclass(frozen=True)
@@ -79,7 +80,8 @@ class Pickled:
         import cloudpickle
 
         module = sys.modules.get(getattr(fun, "__module__", None) or "")
-        by_value = module is not None and module.__name__ != "__main__" and module.__name__.split(".")[0] not in {"torch", "numpy", "builtins", "math"}
+        library = module is None or module.__name__.split(".")[0] in _LIBRARIES
+        by_value = not library and module.__name__ != "__main__"
         if by_value:
             cloudpickle.register_pickle_by_value(module)
         try:
