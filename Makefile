@@ -7,7 +7,7 @@ PORT ?= 50051
 METRICS_PORT ?= 9464
 DB ?= ./secant.db
 
-.PHONY: serve test install protos lint bench clean
+.PHONY: serve test deploy-check install protos lint bench clean
 
 $(BIN)/python:
 	$(PYTHON) -m venv $(VENV)
@@ -24,7 +24,11 @@ serve: install
 	$(BIN)/secant serve --host $(HOST) --port $(PORT) --metrics-port $(METRICS_PORT) --db $(DB)
 
 test: install
-	$(BIN)/python -m pytest -q -p no:cacheprovider
+	$(BIN)/python -m pytest -q -p no:cacheprovider --ignore=tests/deploy
+
+# Offline deployment checks (compose, Kustomize, Prometheus, local Ray topology).
+deploy-check: install
+	./deploy/check.sh
 
 protos: install
 	$(BIN)/python scripts/gen_protos.py
@@ -36,6 +40,8 @@ bench: install
 	OPENBLAS_NUM_THREADS=1 OMP_NUM_THREADS=1 MKL_NUM_THREADS=1 $(BIN)/python bench/solvers.py
 	$(BIN)/python bench/objectives.py
 	$(BIN)/python bench/service.py
+	$(BIN)/python bench/callbacks.py
+	$(BIN)/python bench/kfac.py
 
 clean:
 	rm -rf $(VENV) build *.egg-info

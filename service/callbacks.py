@@ -28,6 +28,7 @@ import numpy as np
 import torch
 
 from secant.v1 import optimizer_pb2 as pb
+from service.auth import Caller
 from service.jobs import JobManager, encode_tensor
 from service.validation import Limits, decode_tensor, validate_callback_start
 from workers.runner import FailureEvent, IterateEvent, ResultEvent
@@ -82,9 +83,10 @@ class CallbackJobs:
         self._background: set[asyncio.Task] = set()  # the loop keeps only weak references
 
     async def session(
-        self, context: grpc.aio.ServicerContext
+        self, context: grpc.aio.ServicerContext, caller: Caller | None = None
     ) -> AsyncIterator[pb.CallbackServerMessage]:
-        """One SolveWithCallbacks stream: starts or resumes a job and drives its solver."""
+        """One SolveWithCallbacks stream: starts or resumes a job and drives its solver. A
+        caller resumes only its own jobs (another's is JobNotFound)."""
         first = await self._read(context, self._settings.first_message_deadline_s, "start")
         if first is None:
             return
@@ -92,11 +94,11 @@ class CallbackJobs:
             raise ValueError("the first message of SolveWithCallbacks must be `start`")
         start = first.start
         if start.resume_job_id:
-            live, suspended = self._take_suspended(start.resume_job_id)
+            live, suspended = self._take_suspended(start.resume_job_id, caller)
             checkpoint, request_id = suspended.checkpoint, suspended.next_request_id
         else:
             spec = validate_callback_start(start, self._limits)
-            live = await self._jobs.create_callback_job(spec, start.problem)
+            live = await self._jobs.create_callback_job(spec, start.problem, caller=caller)
             checkpoint, request_id = None, 1
         job_id = live.job.job_id
         self._attached.add(job_id)
@@ -126,8 +128,8 @@ class CallbackJobs:
             return None
         return message
 
-    def _take_suspended(self, job_id: str):
-        live = self._jobs.callback_job(job_id)
+    def _take_suspended(self, job_id: str, caller: Caller | None):
+        live = self._jobs.callback_job(job_id, caller=caller)
         suspended = self._suspended.get(job_id)
         if suspended is None or job_id in self._attached:
             raise ValueError(

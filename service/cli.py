@@ -1,5 +1,6 @@
-"""The `secant` command. `secant serve` starts the gateway; every other subcommand (solve,
-jobs ...) is the SDK's (`secant.cli.main`), so there is one command for both."""
+"""The `secant` command. `secant serve` starts the gateway and `secant tokens` manages its
+tokens file; every other subcommand (solve, jobs ...) is the SDK's (`secant.cli.main`), so
+there is one command for both."""
 
 from __future__ import annotations
 
@@ -24,6 +25,8 @@ def _serve_parser() -> argparse.ArgumentParser:
     )
     parser.add_argument("--host", default="127.0.0.1", help="address to bind (default loopback)")
     parser.add_argument("--port", type=int, default=50051, help="gRPC port (0: any free port)")
+    parser.add_argument("--metrics-host", default="127.0.0.1",
+                        help="address for /metrics (a pod IP on Kubernetes; default loopback)")
     parser.add_argument("--metrics-port", type=int, default=9464,
                         help="Prometheus /metrics port on 127.0.0.1 (-1: off)")
     parser.add_argument("--db", default="./secant.db",
@@ -43,11 +46,29 @@ def _serve_parser() -> argparse.ArgumentParser:
                         default=defaults.max_expression_length)
     parser.add_argument("--max-concurrent-jobs", type=int, default=defaults.max_concurrent_jobs)
     parser.add_argument("--max-batch-size", type=int, default=defaults.max_batch_size)
+    parser.add_argument("--max-jobs-per-caller", type=int, default=defaults.max_jobs_per_caller,
+                        help="quota: queued + running jobs of one caller")
+    parser.add_argument("--max-dimension-per-caller", type=int,
+                        default=defaults.max_dimension_per_caller,
+                        help="quota: total dimension (sum of n) of one caller's queued + "
+                        "running jobs")
+    parser.add_argument("--max-concurrent-rpcs", type=int, default=4096,
+                        help="RPCs (streams included) in flight at once; beyond it new RPCs "
+                        "are RESOURCE_EXHAUSTED (0: unbounded)")
     parser.add_argument("--trust-code", action="store_true",
                         help="accept torch.export and cloudpickle objectives (they run caller "
-                        "code: trusted callers only)")
+                        "code) from callers with the trust-code role")
+    parser.add_argument("--tokens", default=None, metavar="FILE",
+                        help="turn auth on: bearer tokens (hashed) with callers and roles; "
+                        "see `secant tokens add`. Re-read when it changes")
+    parser.add_argument("--tls-cert", default=None, metavar="PEM",
+                        help="serve TLS with this certificate chain (with --tls-key)")
+    parser.add_argument("--tls-key", default=None, metavar="PEM", help="the TLS private key")
+    parser.add_argument("--tls-client-ca", default=None, metavar="PEM",
+                        help="mutual TLS: require client certificates signed by this CA")
     parser.add_argument("--allow-remote-without-auth", action="store_true",
-                        help="allow a non-loopback --host although auth is not configured")
+                        help="allow a non-loopback --host although no --tokens are configured "
+                        "(anyone who reaches the port can run jobs)")
     parser.add_argument("--grace", type=float, default=5.0,
                         help="seconds in-flight RPCs get on shutdown")
     parser.add_argument("--callback-lease-s", type=float, default=300.0,
@@ -64,7 +85,11 @@ def serve(argv: list[str]) -> int:
 
         prepare_loopback_ray_env()  # before anything imports ray
     from service.callbacks import CallbackSettings
-    from service.server import Gateway, GatewayConfig  # heavy imports (torch, ray) only here
+    from service.server import (  # heavy imports (torch, ray) only here
+        Gateway,
+        GatewayConfig,
+        check_config,
+    )
     from service.validation import Limits
 
     logs.configure(args.log_level)
@@ -72,12 +97,18 @@ def serve(argv: list[str]) -> int:
         host=args.host,
         port=args.port,
         metrics_port=None if args.metrics_port < 0 else args.metrics_port,
+        metrics_host=args.metrics_host,
         db=args.db,
         ray_address=args.ray_address,
         num_cpus=args.num_cpus,
         workers=args.workers,
         trust_code=args.trust_code,
+        tokens=args.tokens,
         allow_remote_without_auth=args.allow_remote_without_auth,
+        tls_cert=args.tls_cert,
+        tls_key=args.tls_key,
+        tls_client_ca=args.tls_client_ca,
+        max_concurrent_rpcs=args.max_concurrent_rpcs or None,
         grace_s=args.grace,
         callbacks=CallbackSettings(
             lease_s=args.callback_lease_s,
@@ -89,8 +120,15 @@ def serve(argv: list[str]) -> int:
             max_expression_length=args.max_expression_length,
             max_concurrent_jobs=args.max_concurrent_jobs,
             max_batch_size=args.max_batch_size,
+            max_jobs_per_caller=args.max_jobs_per_caller,
+            max_dimension_per_caller=args.max_dimension_per_caller,
         ),
     )
+    try:
+        check_config(config)  # refuse before Ray starts, with a plain message
+    except ValueError as exc:
+        print(f"secant serve: {exc}", file=sys.stderr)
+        return 2
 
     async def run() -> None:
         gateway = Gateway(config)
@@ -112,10 +150,62 @@ def serve(argv: list[str]) -> int:
     return 0
 
 
+DEFAULT_TOKENS_FILE = "./secant-tokens.yaml"
+
+
+def _tokens_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="secant tokens", description="Manage a gateway's tokens file (secant serve --tokens)."
+    )
+    actions = parser.add_subparsers(dest="action", metavar="ACTION", required=True)
+    add = actions.add_parser(
+        "add", help="make a new token for a caller: prints it once, stores only its hash"
+    )
+    add.add_argument("caller", help="the caller's name (owner of its jobs)")
+    add.add_argument("--roles", default="solve",
+                     help="comma-separated: solve, train, trust-code, admin (default solve)")
+    add.add_argument("--file", default=None,
+                     help=f"tokens file (env SECANT_TOKENS_FILE, default {DEFAULT_TOKENS_FILE})")
+    listing = actions.add_parser("list", help="callers and roles in the file (no secrets)")
+    listing.add_argument("--file", default=None)
+    return parser
+
+
+def tokens(argv: list[str]) -> int:
+    import os
+
+    from service.auth import add_token, parse_tokens
+
+    args = _tokens_parser().parse_args(argv)
+    path = args.file or os.environ.get("SECANT_TOKENS_FILE") or DEFAULT_TOKENS_FILE
+    try:
+        if args.action == "add":
+            roles = [r.strip() for r in args.roles.split(",") if r.strip()]
+            token = add_token(path, args.caller, roles)
+            print(token)
+            print(f"added caller {args.caller!r} with roles {','.join(sorted(roles))} to "
+                  f"{path}; the token is shown only now", file=sys.stderr)
+        else:
+            with open(path) as handle:
+                for entry in parse_tokens(handle.read(), path):
+                    print(f"{entry.caller}\t{','.join(sorted(entry.roles))}\t"
+                          f"sha256:{entry.sha256[:12]}")
+    except (OSError, ValueError) as exc:
+        print(f"secant tokens: {exc}", file=sys.stderr)
+        return 2
+    return 0
+
+
 def main(argv: list[str] | None = None) -> int:
     argv = list(sys.argv[1:] if argv is None else argv)
     if argv and argv[0] == "serve":
         return serve(argv[1:])
+    if argv and argv[0] == "health":
+        from service.health_cli import main as health_main
+
+        return health_main(argv[1:])
+    if argv and argv[0] == "tokens":
+        return tokens(argv[1:])
     try:
         from secant.cli import main as client_main
     except ImportError:

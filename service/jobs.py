@@ -248,7 +248,7 @@ class JobManager:
             idempotency_key = f"{owner}/{idempotency_key}"
         self._reserve_quota(owner, items)
         # Released per job when it ends (_finish); the rest (idempotent retries, errors) below.
-        unreleased = {id(item): item[0].n for item in items}
+        unreleased = {index: spec.n for index, (spec, _) in enumerate(items)}
         self._reserved += len(items)
         try:
             new_jobs, lives = [], []
@@ -284,13 +284,13 @@ class JobManager:
         finally:
             self._reserved -= len(items)
         results = []
-        for item, live, job in zip(items, lives, stored, strict=True):
+        for index, (live, job) in enumerate(zip(lives, stored, strict=True)):
             if job.job_id != live.job.job_id:  # an idempotent retry: the first job stands
-                self._release_quota(owner, 1, unreleased.pop(id(item)))
+                self._release_quota(owner, 1, unreleased.pop(index))
                 first = self._live.get(job.job_id)
                 results.append(_copy(first.job) if first is not None else job)
                 continue
-            unreleased.pop(id(item))
+            unreleased.pop(index)
             self._live[job.job_id] = live
             if kind == "solve":
                 live.task = asyncio.create_task(self._run(live), name=f"job-{job.job_id}")
@@ -399,6 +399,7 @@ class JobManager:
         result: pb.Result | None = None,
         failure: pb.Failure | None = None,
         state_change: pb.StateChange | None = None,
+        train_result: pb.TrainResult | None = None,
     ) -> None:
         job = live.job
         if job.state in TERMINAL_STATES:
@@ -413,6 +414,10 @@ class JobManager:
         elif failure is not None:
             job.failure.CopyFrom(failure)
             final = self._emit(live, fan_out=False, failure=failure)
+        elif train_result is not None:
+            train_result.wall_time_s = wall
+            job.train_result.CopyFrom(train_result)
+            final = self._emit(live, fan_out=False, train_result=train_result)
         else:
             final = self._emit(live, fan_out=False, state_change=state_change)
         # Durable before anyone hears of it: a client that saw the end can read it back.
@@ -564,7 +569,7 @@ class JobManager:
         if not live.cancel_requested:
             live.cancel_requested = True
             log.info("job cancel requested", extra={"job_id": job_id})
-            if live.job.kind == "callback":
+            if live.job.kind in ("callback", "train"):
                 if live.on_cancel is not None:
                     live.on_cancel()  # the driver stops before its next evaluation
             elif live.worker is None:
@@ -591,6 +596,28 @@ class JobManager:
         (job,) = await self._create([(spec, problem)], batch_id="", kind="callback",
                                     caller=caller)
         return self._live[job.job_id]
+
+    async def create_training_job(
+        self, spec, request: pb.TrainRequest, *, caller: Caller | None = None
+    ) -> tuple[pb.Job, _LiveJob | None]:
+        """Stores a training job (accepted, seq 1); service.training runs it. The live record
+        is None for an idempotent retry of a job (then only watch it)."""
+        (job,) = await self._create([(spec, request)], batch_id="", kind="train", caller=caller,
+                                    idempotency_key=request.idempotency_key)
+        live = self._live.get(job.job_id)
+        if live is not None and live.on_cancel is not None:
+            live = None  # a retry of a job that is already running
+        return job, live
+
+    def record_metrics(self, live: _LiveJob, step: int, values: dict[str, float]) -> None:
+        self._emit(live, metrics=pb.Metrics(step=step, values=values))
+
+    async def finish_training(self, live: _LiveJob, result: pb.TrainResult) -> None:
+        state = pb.CANCELLED if result.stopped_early and live.cancel_requested else pb.SUCCEEDED
+        await self._finish(live, state, train_result=result)
+
+    async def finish_failed(self, live: _LiveJob, code: str, message: str) -> None:
+        await self._finish_failed(live, code, message)
 
     def callback_job(self, job_id: str, *, caller: Caller | None = None) -> _LiveJob:
         """The live record of a callback job of this gateway, to resume it."""

@@ -52,6 +52,14 @@ class Metrics:
             "secant_queue_depth", "Jobs waiting for a worker", registry=r
         )
         self.running_jobs = Gauge("secant_running_jobs", "Jobs on a worker now", registry=r)
+        self.train_steps = Counter(
+            "secant_train_steps", "Training steps completed, by optimizer", ["method"],
+            registry=r,
+        )
+        self.train_step_time = Histogram(
+            "secant_train_step_seconds", "Training step time (global batch)", ["method"],
+            buckets=_LATENCY_BUCKETS, registry=r,
+        )
         self.callback_roundtrip = Histogram(
             "secant_callback_roundtrip_seconds",
             "Callback jobs: evaluation request sent to the caller's answer received",

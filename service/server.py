@@ -14,6 +14,7 @@ import ipaddress
 import logging
 import os
 from dataclasses import dataclass, field
+from pathlib import Path
 
 import grpc
 from grpc_health.v1 import health, health_pb2, health_pb2_grpc
@@ -21,12 +22,14 @@ from grpc_reflection.v1alpha import reflection
 
 from secant.v1 import optimizer_pb2 as pb
 from secant.v1 import optimizer_pb2_grpc as pb_grpc
+from service.auth import AuthInterceptor, TokenStore
 from service.callbacks import CallbackJobs, CallbackSettings
 from service.jobs import JobManager
 from service.metrics import Metrics, MetricsInterceptor
 from service.scheduler import RayCluster, Scheduler
 from service.servicer import OptimizerServicer
 from service.store import open_store
+from service.training import TrainingJobs
 from service.validation import Limits
 
 log = logging.getLogger("secant.server")
@@ -39,12 +42,23 @@ class GatewayConfig:
     host: str = "127.0.0.1"
     port: int = 50051  # 0 picks a free port
     metrics_port: int | None = 9464  # None: no metrics endpoint; 0: a free port
+    metrics_host: str = "127.0.0.1"
     db: str = "./secant.db"
+    # Job artifacts (training weights); None: "secant-artifacts" beside the db file.
+    artifacts_dir: str | None = None
     ray_address: str | None = None  # None: start an embedded loopback-only Ray
     num_cpus: int | None = None  # embedded Ray only; None: every core
     workers: int = 0  # warm solver processes; 0: one per CPU Ray reports
     trust_code: bool = False
+    # Auth: a tokens file (service.auth); None runs without auth, which only loopback allows.
+    tokens: str | None = None
     allow_remote_without_auth: bool = False
+    # TLS from PEM files; with tls_client_ca, callers must present a certificate it signed.
+    tls_cert: str | None = None
+    tls_key: str | None = None
+    tls_client_ca: str | None = None
+    # RPCs in flight at once (streams included); beyond it new RPCs are RESOURCE_EXHAUSTED.
+    max_concurrent_rpcs: int | None = 4096
     grace_s: float = 5.0
     # How long a cancelled job's worker gets to stop before the gateway ends the job itself
     # (with the last iterate it saw) and replaces the worker process.
@@ -57,9 +71,42 @@ def _is_loopback(host: str) -> bool:
     if host == "localhost":
         return True
     try:
-        return ipaddress.ip_address(host).is_loopback
+        return ipaddress.ip_address(host.strip("[]")).is_loopback
     except ValueError:
         return False
+
+
+def check_config(config: GatewayConfig) -> None:
+    """Refuses (ValueError) what must not start: a non-loopback bind without tokens (TLS
+    alone identifies no one) unless forced, and half a TLS setup."""
+    if (config.tls_cert is None) != (config.tls_key is None):
+        raise ValueError("--tls-cert and --tls-key go together")
+    if config.tls_client_ca is not None and config.tls_cert is None:
+        raise ValueError("--tls-client-ca (mutual TLS) needs --tls-cert and --tls-key")
+    if not _is_loopback(config.host) and config.tokens is None:
+        if not config.allow_remote_without_auth:
+            raise ValueError(
+                f"--host {config.host}: binding beyond loopback needs auth (--tokens FILE;"
+                " TLS alone does not say who is calling); pass --allow-remote-without-auth"
+                " to do it anyway"
+            )
+        log.warning("serving beyond loopback WITHOUT auth (--allow-remote-without-auth)",
+                    extra={"host": config.host})
+    elif not _is_loopback(config.host) and config.tls_cert is None:
+        log.warning("tokens travel in plaintext: serve with --tls-cert/--tls-key unless a"
+                    " TLS proxy fronts this gateway", extra={"host": config.host})
+
+
+def _server_credentials(config: GatewayConfig) -> grpc.ServerCredentials:
+    def read(path: str) -> bytes:
+        return Path(path).expanduser().read_bytes()
+
+    client_ca = read(config.tls_client_ca) if config.tls_client_ca else None
+    return grpc.ssl_server_credentials(
+        [(read(config.tls_key), read(config.tls_cert))],
+        root_certificates=client_ca,
+        require_client_auth=client_ca is not None,
+    )
 
 
 class Gateway:
@@ -79,11 +126,7 @@ class Gateway:
 
     async def start(self) -> None:
         config = self.config
-        if not _is_loopback(config.host) and not config.allow_remote_without_auth:
-            raise ValueError(
-                f"--host {config.host}: binding beyond loopback needs auth, which this build"
-                " does not have yet; pass --allow-remote-without-auth to do it anyway"
-            )
+        check_config(config)
         try:
             await self._start(config)
         except BaseException:
@@ -117,8 +160,13 @@ class Gateway:
         self.metrics.running_jobs.set_function(lambda: self._scheduler.running)
 
         limit = config.limits.max_message_bytes
+        # Metrics first, so that refused calls are counted with their code.
+        interceptors: list[grpc.aio.ServerInterceptor] = [MetricsInterceptor(self.metrics)]
+        if config.tokens is not None:
+            interceptors.append(AuthInterceptor(TokenStore(config.tokens)))
         self._server = grpc.aio.server(
-            interceptors=[MetricsInterceptor(self.metrics)],
+            interceptors=interceptors,
+            maximum_concurrent_rpcs=config.max_concurrent_rpcs,
             options=[
                 ("grpc.max_receive_message_length", limit),
                 ("grpc.max_send_message_length", limit),
@@ -133,29 +181,45 @@ class Gateway:
             ],
         )
         callbacks = CallbackJobs(self.jobs, config.limits, config.callbacks)
+        training = TrainingJobs(self.jobs, config.limits, self._artifacts_dir())
         servicer = OptimizerServicer(
-            self.jobs, config.limits, trusted=config.trust_code, callbacks=callbacks
+            self.jobs, config.limits, trusted=config.trust_code, callbacks=callbacks,
+            training=training,
         )
         pb_grpc.add_OptimizerServicer_to_server(servicer, self._server)
         health_pb2_grpc.add_HealthServicer_to_server(self._health, self._server)
         reflection.enable_server_reflection(
             [SERVICE_NAME, health.SERVICE_NAME, reflection.SERVICE_NAME], self._server
         )
-        port = self._server.add_insecure_port(f"{config.host}:{config.port}")
+        target = f"{config.host}:{config.port}"
+        if config.tls_cert is not None:
+            port = self._server.add_secure_port(target, _server_credentials(config))
+        else:
+            port = self._server.add_insecure_port(target)
         if port == 0:
             raise OSError(f"could not bind {config.host}:{config.port}")
         await self._server.start()
         self.address = f"{config.host}:{port}"
         if config.metrics_port is not None:
-            self.metrics_port = self.metrics.serve(config.metrics_port, host="127.0.0.1")
+            self.metrics_port = self.metrics.serve(config.metrics_port, host=config.metrics_host)
         serving = health_pb2.HealthCheckResponse.SERVING
         await self._health.set("", serving)
         await self._health.set(SERVICE_NAME, serving)
         log.info(
             "serving",
             extra={"address": self.address, "metrics_port": self.metrics_port,
-                   "db": config.db, "pid": os.getpid()},
+                   "db": config.db, "pid": os.getpid(), "auth": config.tokens is not None,
+                   "tls": "mutual" if config.tls_client_ca else config.tls_cert is not None},
         )
+
+    def _artifacts_dir(self) -> str:
+        if self.config.artifacts_dir:
+            return self.config.artifacts_dir
+        if self.config.db in ("memory", ":memory:"):
+            import tempfile
+
+            return tempfile.mkdtemp(prefix="secant-artifacts-")
+        return str(Path(self.config.db).resolve().parent / "secant-artifacts")
 
     async def stop(self, grace_s: float | None = None) -> None:
         grace = self.config.grace_s if grace_s is None else grace_s

@@ -1,13 +1,16 @@
 """The Optimizer servicer: thin. Each method validates (service.validation), calls the
-JobManager, and leaves status codes to service.errors."""
+JobManager with the caller the auth interceptor identified (None without auth), and leaves
+status codes to service.errors."""
 
 from __future__ import annotations
 
 from secant.v1 import optimizer_pb2 as pb
 from secant.v1 import optimizer_pb2_grpc as pb_grpc
+from service.auth import current_caller
 from service.callbacks import CallbackJobs
 from service.errors import LimitExceeded, grpc_errors, grpc_stream_errors
 from service.jobs import JobManager
+from service.training import TrainingJobs
 from service.validation import Limits, method_filter, validate_problem
 
 
@@ -19,9 +22,16 @@ def _required_job_id(job_id: str) -> str:
 
 class OptimizerServicer(pb_grpc.OptimizerServicer):
     def __init__(
-        self, jobs: JobManager, limits: Limits, *, trusted: bool, callbacks: CallbackJobs
+        self,
+        jobs: JobManager,
+        limits: Limits,
+        *,
+        trusted: bool,
+        callbacks: CallbackJobs,
+        training: TrainingJobs,
     ) -> None:
         self._jobs = jobs
+        self._training = training
         self._limits = limits
         self._trusted = trusted
         self._callbacks = callbacks
@@ -32,15 +42,17 @@ class OptimizerServicer(pb_grpc.OptimizerServicer):
     @grpc_stream_errors
     async def Solve(self, request, context):
         spec = self._validate(request.problem)
-        job = await self._jobs.submit(spec, request.problem)
-        async for event in self._jobs.watch(job.job_id, 0):
+        caller = current_caller()
+        job = await self._jobs.submit(spec, request.problem, caller=caller)
+        async for event in self._jobs.watch(job.job_id, 0, caller=caller):
             yield event
 
     @grpc_errors
     async def Submit(self, request, context):
         spec = self._validate(request.problem)
         return await self._jobs.submit(
-            spec, request.problem, idempotency_key=request.idempotency_key
+            spec, request.problem, idempotency_key=request.idempotency_key,
+            caller=current_caller(),
         )
 
     @grpc_errors
@@ -56,17 +68,19 @@ class OptimizerServicer(pb_grpc.OptimizerServicer):
             (self._validate(problem, f"problems[{index}]"), problem)
             for index, problem in enumerate(request.problems)
         ]
-        batch_id, jobs = await self._jobs.submit_batch(items)
+        batch_id, jobs = await self._jobs.submit_batch(items, caller=current_caller())
         return pb.SubmitBatchResponse(batch_id=batch_id, jobs=jobs)
 
     @grpc_stream_errors
     async def Watch(self, request, context):
-        async for event in self._jobs.watch(_required_job_id(request.job_id), request.after_seq):
+        async for event in self._jobs.watch(
+            _required_job_id(request.job_id), request.after_seq, caller=current_caller()
+        ):
             yield event
 
     @grpc_errors
     async def GetJob(self, request, context):
-        return await self._jobs.get(_required_job_id(request.job_id))
+        return await self._jobs.get(_required_job_id(request.job_id), caller=current_caller())
 
     @grpc_errors
     async def ListJobs(self, request, context):
@@ -76,14 +90,28 @@ class OptimizerServicer(pb_grpc.OptimizerServicer):
             batch_id=request.batch_id,
             page_size=request.page_size,
             page_token=request.page_token,
+            caller=current_caller(),
         )
         return pb.ListJobsResponse(jobs=page.jobs, next_page_token=page.next_page_token)
 
     @grpc_errors
     async def CancelJob(self, request, context):
-        return await self._jobs.cancel(_required_job_id(request.job_id))
+        return await self._jobs.cancel(_required_job_id(request.job_id), caller=current_caller())
 
     @grpc_stream_errors
     async def SolveWithCallbacks(self, request_iterator, context):
-        async for message in self._callbacks.session(context):
+        async for message in self._callbacks.session(context, current_caller()):
             yield message
+
+    @grpc_stream_errors
+    async def Train(self, request, context):
+        caller = current_caller()
+        job_id = await self._training.submit(request, caller=caller)
+        async for event in self._jobs.watch(job_id, 0, caller=caller):
+            yield event
+
+    @grpc_errors
+    async def GetArtifact(self, request, context):
+        return await self._training.artifact(
+            _required_job_id(request.job_id), request.name, caller=current_caller()
+        )

@@ -63,8 +63,10 @@ class JobStore(abc.ABC):
         batch_id: str = "",
         page_size: int = 100,
         page_token: str = "",
+        owner: str | None = None,
     ) -> JobPage:
-        """Newest first; filters are ANDed; empty/zero means any."""
+        """Newest first; filters are ANDed; empty/zero means any. `owner` None means any
+        owner; a string (even "") only that owner's jobs."""
 
     @abc.abstractmethod
     def write(self, jobs: Iterable[pb.Job], events: Iterable[pb.JobEvent]) -> None:
@@ -146,7 +148,9 @@ class InMemoryJobStore(JobStore):
         with self._lock:
             return self._problems.get(job_id)
 
-    def list_jobs(self, *, state=0, method="", batch_id="", page_size=100, page_token=""):
+    def list_jobs(
+        self, *, state=0, method="", batch_id="", page_size=100, page_token="", owner=None
+    ):
         size = _clamp_page_size(page_size)
         before = _parse_page_token(page_token)
         with self._lock:
@@ -158,6 +162,7 @@ class InMemoryJobStore(JobStore):
                 and (not state or self._jobs[job_id].state == state)
                 and (not method or self._jobs[job_id].method == method)
                 and (not batch_id or self._jobs[job_id].batch_id == batch_id)
+                and (owner is None or self._jobs[job_id].owner == owner)
             ]
             page = matches[:size]
             token = _page_token(self._ordinal[page[-1]]) if len(matches) > size else ""
@@ -208,7 +213,8 @@ CREATE TABLE IF NOT EXISTS jobs (
     batch_id TEXT NOT NULL,
     idempotency_key TEXT UNIQUE,
     record BLOB NOT NULL,
-    problem BLOB NOT NULL
+    problem BLOB NOT NULL,
+    owner TEXT NOT NULL DEFAULT ''
 );
 CREATE INDEX IF NOT EXISTS jobs_state ON jobs (state, ordinal);
 CREATE INDEX IF NOT EXISTS jobs_batch ON jobs (batch_id, ordinal);
@@ -242,6 +248,10 @@ class SQLiteJobStore(JobStore):
         self._db.execute("PRAGMA synchronous=NORMAL")
         self._db.execute("PRAGMA busy_timeout=5000")
         self._db.executescript(_SCHEMA)
+        columns = {row[1] for row in self._db.execute("PRAGMA table_info(jobs)")}
+        if "owner" not in columns:  # a store written before jobs had owners: theirs is ""
+            self._db.execute("ALTER TABLE jobs ADD COLUMN owner TEXT NOT NULL DEFAULT ''")
+        self._db.execute("CREATE INDEX IF NOT EXISTS jobs_owner ON jobs (owner, ordinal)")
 
     def close(self) -> None:
         with self._lock:
@@ -262,7 +272,7 @@ class SQLiteJobStore(JobStore):
                 try:
                     self._db.execute(
                         "INSERT INTO jobs (job_id, state, method, batch_id, idempotency_key,"
-                        " record, problem) VALUES (?, ?, ?, ?, ?, ?, ?)",
+                        " record, problem, owner) VALUES (?, ?, ?, ?, ?, ?, ?, ?)",
                         (
                             new.job.job_id,
                             new.job.state,
@@ -271,6 +281,7 @@ class SQLiteJobStore(JobStore):
                             new.idempotency_key or None,
                             new.job.SerializeToString(),
                             new.problem,
+                            new.job.owner,
                         ),
                     )
                 except sqlite3.IntegrityError as exc:
@@ -291,7 +302,9 @@ class SQLiteJobStore(JobStore):
             ).fetchone()
         return bytes(row[0]) if row else None
 
-    def list_jobs(self, *, state=0, method="", batch_id="", page_size=100, page_token=""):
+    def list_jobs(
+        self, *, state=0, method="", batch_id="", page_size=100, page_token="", owner=None
+    ):
         size = _clamp_page_size(page_size)
         before = _parse_page_token(page_token)
         clauses, params = [], []
@@ -299,6 +312,9 @@ class SQLiteJobStore(JobStore):
             if value:
                 clauses.append(f"{column} = ?")
                 params.append(value)
+        if owner is not None:
+            clauses.append("owner = ?")
+            params.append(owner)
         if before is not None:
             clauses.append("ordinal < ?")
             params.append(before)

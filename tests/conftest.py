@@ -155,3 +155,33 @@ def grpc_channel(gateway) -> Iterator[grpc.Channel]:
 @pytest.fixture(scope="session")
 def stub(grpc_channel) -> pb_grpc.OptimizerStub:
     return pb_grpc.OptimizerStub(grpc_channel)
+
+
+# -- auth (service.auth): callers with tokens, and a gateway that checks them ----------------
+
+# Callers of the shared auth gateway and their roles.
+AUTH_CALLERS = {
+    "alice": ["solve", "train"],
+    "bob": ["solve"],
+    "carol": ["solve", "trust-code"],
+    "root": ["admin", "solve"],
+    "nobody": [],  # a valid token without any role
+    "fuzzer": ["solve"],
+}
+
+
+@pytest.fixture(scope="session")
+def auth_tokens(tmp_path_factory) -> tuple[str, dict[str, str]]:
+    """A tokens file written by service.auth.add_token: (path, {caller: token})."""
+    from service.auth import add_token
+
+    path = str(tmp_path_factory.mktemp("auth") / "tokens.yaml")
+    tokens = {name: add_token(path, name, roles) for name, roles in AUTH_CALLERS.items()}
+    return path, tokens
+
+
+@pytest.fixture(scope="session")
+def auth_gateway(gateway_factory, auth_tokens) -> GatewayThread:
+    """One gateway with auth on (the tokens above) and --trust-code, for the session."""
+    path, _ = auth_tokens
+    return gateway_factory(tokens=path, trust_code=True, workers=1, cancel_grace_s=0.5)

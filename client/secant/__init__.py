@@ -16,6 +16,7 @@ from secant._errors import SecantError
 from secant._problem import Bounds, Expression, Pickled, Residual, TorchExport, build_problem
 from secant._result import IterateRecord, JobState, OptimizeResult, Status, plot_history
 from secant._tensors import from_tensor, to_tensor
+from secant._training import TrainRun
 
 __version__ = "0.1.0"
 
@@ -39,6 +40,7 @@ __all__ = [
     "Status",
     "TLSConfig",
     "TorchExport",
+    "TrainRun",
     "__version__",
     "build_problem",
     "from_tensor",

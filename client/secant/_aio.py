@@ -28,6 +28,8 @@ from secant._core import (
     new_idempotency_key,
     problem_from,
     progress_total,
+    tls_from_env,
+    token_from_env,
 )
 from secant._errors import SecantError, from_rpc_error
 from secant._problem import DataLike, Objective, build_problem
@@ -54,13 +56,13 @@ class AsyncClient:
         retry: RetryPolicy | None = None,
     ) -> None:
         self.address = address
-        credentials, options = channel_settings(tls)
+        credentials, options = channel_settings(tls_from_env(tls))
         if credentials is None:
             self._channel = grpc.aio.insecure_channel(address, options=options)
         else:
             self._channel = grpc.aio.secure_channel(address, credentials, options=options)
         self._stub = pb_grpc.OptimizerStub(self._channel)
-        self._metadata = call_metadata(token)
+        self._metadata = call_metadata(token_from_env(token))
         self._retry = retry or RetryPolicy()
 
     async def minimize(

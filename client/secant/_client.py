@@ -24,10 +24,13 @@ from secant._core import (
     new_idempotency_key,
     problem_from,
     progress_total,
+    tls_from_env,
+    token_from_env,
 )
 from secant._errors import SecantError, from_rpc_error
 from secant._problem import DataLike, Objective, build_problem
 from secant._result import JobState, OptimizeResult
+from secant._training import TrainRun, build_train_request, collect_training, load_train_spec
 from secant.v1 import optimizer_pb2 as pb
 from secant.v1 import optimizer_pb2_grpc as pb_grpc
 
@@ -35,9 +38,11 @@ from secant.v1 import optimizer_pb2_grpc as pb_grpc
 class Client:
     """A connection to a secant gateway; thread-safe, cheap to share, close when done.
 
-    ``token`` is sent as ``authorization: Bearer <token>`` on every call. ``tls`` is None
-    (plaintext, for loopback), True (system roots) or a ``secant.TLSConfig``. Opening costs
-    nothing until the first call connects.
+    ``token`` is sent as ``authorization: Bearer <token>`` on every call; None reads
+    SECANT_TOKEN. ``tls`` is False (plaintext, for loopback), True (system roots) or a
+    ``secant.TLSConfig``; None reads SECANT_TLS_ROOT_CERT / SECANT_TLS_CERT / SECANT_TLS_KEY /
+    SECANT_TLS_SERVER_NAME (or SECANT_TLS=1 for system roots) and is plaintext without them.
+    Opening costs nothing until the first call connects.
 
     >>> with secant.Client("127.0.0.1:50051") as client:
     ...     res = client.minimize("sum(100*(x[1:]-x[:-1]**2)**2 + (1-x[:-1])**2)", [-1.2, 1.0])
@@ -51,13 +56,13 @@ class Client:
         retry: RetryPolicy | None = None,
     ) -> None:
         self.address = address
-        credentials, options = channel_settings(tls)
+        credentials, options = channel_settings(tls_from_env(tls))
         if credentials is None:
             self._channel = grpc.insecure_channel(address, options=options)
         else:
             self._channel = grpc.secure_channel(address, credentials, options=options)
         self._stub = pb_grpc.OptimizerStub(self._channel)
-        self._metadata = call_metadata(token)
+        self._metadata = call_metadata(token_from_env(token))
         self._retry = retry or RetryPolicy()
 
     # -- solving ---------------------------------------------------------------------------
@@ -187,6 +192,43 @@ class Client:
             tracker.close_progress()
             call.cancel()
         return tracker.outcome()
+
+    def train(
+        self,
+        spec: Mapping[str, Any] | str,
+        data: Mapping[str, Any] | None = None,
+        *,
+        progress: bool = False,
+        timeout: float | None = None,
+    ) -> TrainRun:
+        """Trains a model and returns the finished run (metrics, step history, weights).
+
+        ``spec`` (a dict or a YAML file): model, loss, optimizer, batch_size, steps/epochs,
+        seed, validation_fraction, ``dataset`` or ``data={"X": X, "y": y}``, ``workers``,
+        ``checkpoint_every`` (docs/training.md).
+        """
+        spec = load_train_spec(spec)
+        request = build_train_request(spec, data, new_idempotency_key())
+        bar = ProgressBar(spec.get("steps")) if progress else None
+        update = None
+        if bar is not None:
+            def update(metrics: pb.Metrics) -> None:
+                bar.update(pb.Iterate(iteration=metrics.step, f=metrics.values.get("loss", 0)))
+        try:
+            return collect_training(
+                self._stub.Train(request, metadata=self._metadata, timeout=timeout), spec,
+                self._artifact, update,
+            )
+        except grpc.RpcError as exc:
+            raise from_rpc_error(exc) from None
+        finally:
+            if bar is not None:
+                bar.close()
+
+    def _artifact(self, job_id: str, name: str) -> bytes:
+        return self._unary(
+            self._stub.GetArtifact, pb.GetArtifactRequest(job_id=job_id, name=name)
+        ).data
 
     def submit(
         self,

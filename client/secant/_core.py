@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import json
 import math
+import os
 import random
 import time
 from collections.abc import Mapping
@@ -82,6 +83,43 @@ def _pem(value: bytes | str | Path | None) -> bytes | None:
     return Path(value).expanduser().read_bytes()
 
 
+# Environment variables the clients (and so the CLI) fall back on when an argument is None.
+ENV_TOKEN = "SECANT_TOKEN"
+ENV_TLS = "SECANT_TLS"  # "1": TLS with the system roots
+ENV_TLS_ROOT_CERT = "SECANT_TLS_ROOT_CERT"
+ENV_TLS_CERT = "SECANT_TLS_CERT"  # client certificate chain (mutual TLS)
+ENV_TLS_KEY = "SECANT_TLS_KEY"
+ENV_TLS_SERVER_NAME = "SECANT_TLS_SERVER_NAME"
+
+
+def token_from_env(token: str | None) -> str | None:
+    """``token``, or SECANT_TOKEN when it is None ("" means: send none)."""
+    if token is None:
+        token = os.environ.get(ENV_TOKEN) or None
+    return token or None
+
+
+def tls_from_env(tls: bool | TLSConfig | None) -> bool | TLSConfig | None:
+    """``tls``, or when it is None the SECANT_TLS_* variables: a root CA, a client
+    certificate and key, a server name override; SECANT_TLS=1 alone means system roots.
+    ``tls=False`` is plaintext whatever the environment says."""
+    if tls is not None:
+        return tls
+    env = os.environ
+    root, cert, key, name = (
+        env.get(ENV_TLS_ROOT_CERT) or None,
+        env.get(ENV_TLS_CERT) or None,
+        env.get(ENV_TLS_KEY) or None,
+        env.get(ENV_TLS_SERVER_NAME) or None,
+    )
+    if root or cert or key or name:
+        return TLSConfig(root_certificates=root, certificate_chain=cert, private_key=key,
+                         server_name=name)
+    if env.get(ENV_TLS, "").strip().lower() in ("1", "true", "yes", "on"):
+        return True
+    return None
+
+
 def channel_settings(
     tls: bool | TLSConfig | None,
 ) -> tuple[grpc.ChannelCredentials | None, list[tuple[str, Any]]]:
@@ -106,6 +144,8 @@ def channel_settings(
 
 def call_metadata(token: str | None) -> tuple[tuple[str, str], ...]:
     """Per-call metadata: the bearer token, when there is one."""
+    if token and any(c.isspace() for c in token):
+        raise ValueError("token: a bearer token has no whitespace (check SECANT_TOKEN / --token)")
     return (("authorization", f"Bearer {token}"),) if token else ()
 
 

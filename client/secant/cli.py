@@ -5,7 +5,9 @@
     secant jobs show JOB | watch JOB | cancel JOB... | plot JOB -o conv.png
 
 Global flags (before or after the subcommand): --address (env SECANT_ADDRESS, default
-127.0.0.1:50051), --token (env SECANT_TOKEN), --tls, --root-cert PEM.
+127.0.0.1:50051), --token (env SECANT_TOKEN), --tls (env SECANT_TLS=1), --root-cert PEM (env
+SECANT_TLS_ROOT_CERT), --cert PEM and --key PEM for mutual TLS (env SECANT_TLS_CERT,
+SECANT_TLS_KEY), --server-name (env SECANT_TLS_SERVER_NAME).
 Exit status: 0 done (solve: converged), 1 error, 2 usage, 3 solve ended without converging.
 """
 
@@ -21,7 +23,7 @@ from typing import Any
 import numpy as np
 
 from secant._client import Client
-from secant._core import DEFAULT_ADDRESS, TLSConfig
+from secant._core import DEFAULT_ADDRESS, TLSConfig, tls_from_env
 from secant._errors import SecantError
 from secant._result import IterateRecord, JobState, OptimizeResult, plot_history
 from secant._tensors import from_tensor, is_empty
@@ -67,7 +69,20 @@ def build_parser() -> argparse.ArgumentParser:
     )
     connection.add_argument("--tls", action="store_true", default=argparse.SUPPRESS, help="use TLS")
     connection.add_argument(
-        "--root-cert", default=argparse.SUPPRESS, help="CA bundle (PEM) for TLS"
+        "--root-cert", default=argparse.SUPPRESS,
+        help="CA bundle (PEM) for TLS (env SECANT_TLS_ROOT_CERT)",
+    )
+    connection.add_argument(
+        "--cert", default=argparse.SUPPRESS,
+        help="client certificate chain (PEM) for mutual TLS (env SECANT_TLS_CERT)",
+    )
+    connection.add_argument(
+        "--key", default=argparse.SUPPRESS,
+        help="client private key (PEM) for mutual TLS (env SECANT_TLS_KEY)",
+    )
+    connection.add_argument(
+        "--server-name", default=argparse.SUPPRESS,
+        help="name to check the server's certificate against (env SECANT_TLS_SERVER_NAME)",
     )
 
     parser = argparse.ArgumentParser(
@@ -117,12 +132,22 @@ def build_parser() -> argparse.ArgumentParser:
 
 def _client(args: argparse.Namespace) -> Client:
     address = getattr(args, "address", None) or os.environ.get("SECANT_ADDRESS") or DEFAULT_ADDRESS
-    token = getattr(args, "token", None) or os.environ.get("SECANT_TOKEN") or None
-    tls: bool | TLSConfig | None = None
-    if getattr(args, "root_cert", None):
-        tls = TLSConfig(root_certificates=args.root_cert)
+    token = getattr(args, "token", None)  # None: the Client reads SECANT_TOKEN
+    tls: bool | TLSConfig | None = None  # None: the Client reads SECANT_TLS_*
+    files = {
+        name: getattr(args, name, None) for name in ("root_cert", "cert", "key", "server_name")
+    }
+    if any(files.values()):
+        tls = tls_from_env(None)
+        base = tls if isinstance(tls, TLSConfig) else TLSConfig()
+        tls = TLSConfig(
+            root_certificates=files["root_cert"] or base.root_certificates,
+            certificate_chain=files["cert"] or base.certificate_chain,
+            private_key=files["key"] or base.private_key,
+            server_name=files["server_name"] or base.server_name,
+        )
     elif getattr(args, "tls", False):
-        tls = True
+        tls = tls_from_env(None) or True
     return Client(address, token=token, tls=tls)
 
 

@@ -222,8 +222,33 @@ class Metrics(_message.Message):
     values: _containers.ScalarMap[str, float]
     def __init__(self, step: _Optional[int] = ..., values: _Optional[_Mapping[str, float]] = ...) -> None: ...
 
+class TrainResult(_message.Message):
+    __slots__ = ("metrics", "steps", "stopped_early", "restarts", "train_time_s", "wall_time_s", "artifacts")
+    class MetricsEntry(_message.Message):
+        __slots__ = ("key", "value")
+        KEY_FIELD_NUMBER: _ClassVar[int]
+        VALUE_FIELD_NUMBER: _ClassVar[int]
+        key: str
+        value: float
+        def __init__(self, key: _Optional[str] = ..., value: _Optional[float] = ...) -> None: ...
+    METRICS_FIELD_NUMBER: _ClassVar[int]
+    STEPS_FIELD_NUMBER: _ClassVar[int]
+    STOPPED_EARLY_FIELD_NUMBER: _ClassVar[int]
+    RESTARTS_FIELD_NUMBER: _ClassVar[int]
+    TRAIN_TIME_S_FIELD_NUMBER: _ClassVar[int]
+    WALL_TIME_S_FIELD_NUMBER: _ClassVar[int]
+    ARTIFACTS_FIELD_NUMBER: _ClassVar[int]
+    metrics: _containers.ScalarMap[str, float]
+    steps: int
+    stopped_early: bool
+    restarts: int
+    train_time_s: float
+    wall_time_s: float
+    artifacts: _containers.RepeatedScalarFieldContainer[str]
+    def __init__(self, metrics: _Optional[_Mapping[str, float]] = ..., steps: _Optional[int] = ..., stopped_early: _Optional[bool] = ..., restarts: _Optional[int] = ..., train_time_s: _Optional[float] = ..., wall_time_s: _Optional[float] = ..., artifacts: _Optional[_Iterable[str]] = ...) -> None: ...
+
 class JobEvent(_message.Message):
-    __slots__ = ("job_id", "seq", "time", "accepted", "iterate", "result", "failure", "state_change", "metrics")
+    __slots__ = ("job_id", "seq", "time", "accepted", "iterate", "result", "failure", "state_change", "metrics", "train_result")
     JOB_ID_FIELD_NUMBER: _ClassVar[int]
     SEQ_FIELD_NUMBER: _ClassVar[int]
     TIME_FIELD_NUMBER: _ClassVar[int]
@@ -233,6 +258,7 @@ class JobEvent(_message.Message):
     FAILURE_FIELD_NUMBER: _ClassVar[int]
     STATE_CHANGE_FIELD_NUMBER: _ClassVar[int]
     METRICS_FIELD_NUMBER: _ClassVar[int]
+    TRAIN_RESULT_FIELD_NUMBER: _ClassVar[int]
     job_id: str
     seq: int
     time: _timestamp_pb2.Timestamp
@@ -242,10 +268,11 @@ class JobEvent(_message.Message):
     failure: Failure
     state_change: StateChange
     metrics: Metrics
-    def __init__(self, job_id: _Optional[str] = ..., seq: _Optional[int] = ..., time: _Optional[_Union[datetime.datetime, _timestamp_pb2.Timestamp, _Mapping]] = ..., accepted: _Optional[_Union[Accepted, _Mapping]] = ..., iterate: _Optional[_Union[Iterate, _Mapping]] = ..., result: _Optional[_Union[Result, _Mapping]] = ..., failure: _Optional[_Union[Failure, _Mapping]] = ..., state_change: _Optional[_Union[StateChange, _Mapping]] = ..., metrics: _Optional[_Union[Metrics, _Mapping]] = ...) -> None: ...
+    train_result: TrainResult
+    def __init__(self, job_id: _Optional[str] = ..., seq: _Optional[int] = ..., time: _Optional[_Union[datetime.datetime, _timestamp_pb2.Timestamp, _Mapping]] = ..., accepted: _Optional[_Union[Accepted, _Mapping]] = ..., iterate: _Optional[_Union[Iterate, _Mapping]] = ..., result: _Optional[_Union[Result, _Mapping]] = ..., failure: _Optional[_Union[Failure, _Mapping]] = ..., state_change: _Optional[_Union[StateChange, _Mapping]] = ..., metrics: _Optional[_Union[Metrics, _Mapping]] = ..., train_result: _Optional[_Union[TrainResult, _Mapping]] = ...) -> None: ...
 
 class Job(_message.Message):
-    __slots__ = ("job_id", "state", "method", "n", "batch_id", "created", "started", "finished", "result", "failure", "last_seq", "labels", "owner", "kind")
+    __slots__ = ("job_id", "state", "method", "n", "batch_id", "created", "started", "finished", "result", "failure", "last_seq", "labels", "owner", "kind", "train_result")
     class LabelsEntry(_message.Message):
         __slots__ = ("key", "value")
         KEY_FIELD_NUMBER: _ClassVar[int]
@@ -267,6 +294,7 @@ class Job(_message.Message):
     LABELS_FIELD_NUMBER: _ClassVar[int]
     OWNER_FIELD_NUMBER: _ClassVar[int]
     KIND_FIELD_NUMBER: _ClassVar[int]
+    TRAIN_RESULT_FIELD_NUMBER: _ClassVar[int]
     job_id: str
     state: JobState
     method: str
@@ -281,7 +309,8 @@ class Job(_message.Message):
     labels: _containers.ScalarMap[str, str]
     owner: str
     kind: str
-    def __init__(self, job_id: _Optional[str] = ..., state: _Optional[_Union[JobState, str]] = ..., method: _Optional[str] = ..., n: _Optional[int] = ..., batch_id: _Optional[str] = ..., created: _Optional[_Union[datetime.datetime, _timestamp_pb2.Timestamp, _Mapping]] = ..., started: _Optional[_Union[datetime.datetime, _timestamp_pb2.Timestamp, _Mapping]] = ..., finished: _Optional[_Union[datetime.datetime, _timestamp_pb2.Timestamp, _Mapping]] = ..., result: _Optional[_Union[Result, _Mapping]] = ..., failure: _Optional[_Union[Failure, _Mapping]] = ..., last_seq: _Optional[int] = ..., labels: _Optional[_Mapping[str, str]] = ..., owner: _Optional[str] = ..., kind: _Optional[str] = ...) -> None: ...
+    train_result: TrainResult
+    def __init__(self, job_id: _Optional[str] = ..., state: _Optional[_Union[JobState, str]] = ..., method: _Optional[str] = ..., n: _Optional[int] = ..., batch_id: _Optional[str] = ..., created: _Optional[_Union[datetime.datetime, _timestamp_pb2.Timestamp, _Mapping]] = ..., started: _Optional[_Union[datetime.datetime, _timestamp_pb2.Timestamp, _Mapping]] = ..., finished: _Optional[_Union[datetime.datetime, _timestamp_pb2.Timestamp, _Mapping]] = ..., result: _Optional[_Union[Result, _Mapping]] = ..., failure: _Optional[_Union[Failure, _Mapping]] = ..., last_seq: _Optional[int] = ..., labels: _Optional[_Mapping[str, str]] = ..., owner: _Optional[str] = ..., kind: _Optional[str] = ..., train_result: _Optional[_Union[TrainResult, _Mapping]] = ...) -> None: ...
 
 class SolveRequest(_message.Message):
     __slots__ = ("problem",)
@@ -420,3 +449,23 @@ class TrainRequest(_message.Message):
     data: _containers.RepeatedCompositeFieldContainer[NamedTensor]
     idempotency_key: str
     def __init__(self, spec: _Optional[_Union[_struct_pb2.Struct, _Mapping]] = ..., data: _Optional[_Iterable[_Union[NamedTensor, _Mapping]]] = ..., idempotency_key: _Optional[str] = ...) -> None: ...
+
+class GetArtifactRequest(_message.Message):
+    __slots__ = ("job_id", "name")
+    JOB_ID_FIELD_NUMBER: _ClassVar[int]
+    NAME_FIELD_NUMBER: _ClassVar[int]
+    job_id: str
+    name: str
+    def __init__(self, job_id: _Optional[str] = ..., name: _Optional[str] = ...) -> None: ...
+
+class Artifact(_message.Message):
+    __slots__ = ("job_id", "name", "content_type", "data")
+    JOB_ID_FIELD_NUMBER: _ClassVar[int]
+    NAME_FIELD_NUMBER: _ClassVar[int]
+    CONTENT_TYPE_FIELD_NUMBER: _ClassVar[int]
+    DATA_FIELD_NUMBER: _ClassVar[int]
+    job_id: str
+    name: str
+    content_type: str
+    data: bytes
+    def __init__(self, job_id: _Optional[str] = ..., name: _Optional[str] = ..., content_type: _Optional[str] = ..., data: _Optional[bytes] = ...) -> None: ...

@@ -79,6 +79,11 @@ class OptimizerStub:
                 request_serializer=secant_dot_v1_dot_optimizer__pb2.TrainRequest.SerializeToString,
                 response_deserializer=secant_dot_v1_dot_optimizer__pb2.JobEvent.FromString,
                 _registered_method=True)
+        self.GetArtifact = channel.unary_unary(
+                '/secant.v1.Optimizer/GetArtifact',
+                request_serializer=secant_dot_v1_dot_optimizer__pb2.GetArtifactRequest.SerializeToString,
+                response_deserializer=secant_dot_v1_dot_optimizer__pb2.Artifact.FromString,
+                _registered_method=True)
 
 
 class OptimizerServicer:
@@ -145,6 +150,13 @@ class OptimizerServicer:
         context.set_details('Method not implemented!')
         raise NotImplementedError('Method not implemented!')
 
+    def GetArtifact(self, request, context):
+        """A file a job produced, e.g. a training job's weights ("weights.safetensors").
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
 
 def add_OptimizerServicer_to_server(servicer, server):
     rpc_method_handlers = {
@@ -192,6 +204,11 @@ def add_OptimizerServicer_to_server(servicer, server):
                     servicer.Train,
                     request_deserializer=secant_dot_v1_dot_optimizer__pb2.TrainRequest.FromString,
                     response_serializer=secant_dot_v1_dot_optimizer__pb2.JobEvent.SerializeToString,
+            ),
+            'GetArtifact': grpc.unary_unary_rpc_method_handler(
+                    servicer.GetArtifact,
+                    request_deserializer=secant_dot_v1_dot_optimizer__pb2.GetArtifactRequest.FromString,
+                    response_serializer=secant_dot_v1_dot_optimizer__pb2.Artifact.SerializeToString,
             ),
     }
     generic_handler = grpc.method_handlers_generic_handler(
@@ -437,6 +454,33 @@ class Optimizer:
             '/secant.v1.Optimizer/Train',
             secant_dot_v1_dot_optimizer__pb2.TrainRequest.SerializeToString,
             secant_dot_v1_dot_optimizer__pb2.JobEvent.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def GetArtifact(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/secant.v1.Optimizer/GetArtifact',
+            secant_dot_v1_dot_optimizer__pb2.GetArtifactRequest.SerializeToString,
+            secant_dot_v1_dot_optimizer__pb2.Artifact.FromString,
             options,
             channel_credentials,
             insecure,
