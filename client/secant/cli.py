@@ -99,6 +99,15 @@ def build_parser() -> argparse.ArgumentParser:
     solve.add_argument("--timeout", type=float, default=None, help="give up waiting after S s")
     solve.set_defaults(handler=_solve)
 
+    train = commands.add_parser("train", parents=[connection],
+                                help="train a model from a YAML spec (docs/training.md)")
+    train.add_argument("spec", help="training spec file (see examples/train_digits.yaml)")
+    train.add_argument("-o", "--output", default=None,
+                       help="write the trained weights (safetensors) to this file")
+    train.add_argument("-q", "--quiet", action="store_true", help="no progress bar")
+    train.add_argument("--timeout", type=float, default=None, help="give up after S s")
+    train.set_defaults(handler=_train)
+
     jobs = commands.add_parser("jobs", parents=[connection], help="list and manage jobs")
     job_commands = jobs.add_subparsers(dest="jobs_command", metavar="ACTION")
 
@@ -172,6 +181,19 @@ def _solve(client: Client, args: argparse.Namespace) -> int:
         _print_history_summary(result.history)
     print(_result_json(result) if args.json else _result_text(result))
     return EXIT_OK if result.success else EXIT_NOT_CONVERGED
+
+
+def _train(client: Client, args: argparse.Namespace) -> int:
+    show_progress = not args.quiet and sys.stderr.isatty()
+    run = client.train(args.spec, progress=show_progress, timeout=args.timeout)
+    if args.output:
+        with open(args.output, "wb") as fh:
+            fh.write(run.weights())
+    summary = {"job_id": run.job_id, "steps": run.steps, "metrics": run.metrics,
+               "stopped_early": run.stopped_early, "restarts": run.restarts,
+               "weights": args.output}
+    print(json.dumps(summary, indent=2))
+    return EXIT_OK
 
 
 def _print_history_summary(history: list[IterateRecord]) -> None:

@@ -82,3 +82,16 @@ def test_uploaded_data_trains_too(gateway):
         weights = run.state_dict()
     assert run.steps == 5
     assert weights and all(isinstance(t, torch.Tensor) for t in weights.values())
+
+
+def test_secant_train_cli_writes_the_weights(gateway, tmp_path, capsys):
+    from secant.cli import main
+
+    spec = tmp_path / "spec.yaml"
+    spec.write_text("model: {kind: mlp, sizes: [64, 16, 10]}\noptimizer: sgd\nsteps: 3\n"
+                    "dataset: digits\nbatch_size: 64\n")
+    weights = tmp_path / "w.safetensors"
+    code = main(["--address", gateway, "train", str(spec), "-q", "-o", str(weights)])
+    assert code == 0
+    assert '"steps": 3' in capsys.readouterr().out
+    assert weights.stat().st_size > 0
