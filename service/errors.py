@@ -81,3 +81,68 @@ def grpc_stream_errors(method: Callable[..., AsyncIterator]) -> Callable[..., As
             await _abort(context, exc, method.__name__)
 
     return wrapper
+
+
+class MalformedRequest(ValueError):
+    """The request bytes are not a valid message of the method's request type."""
+
+
+class RequestParsingInterceptor(grpc.aio.ServerInterceptor):
+    """Parses requests itself so that bytes which are not the method's message are
+    INVALID_ARGUMENT (grpc.aio's own deserializing answers UNKNOWN and logs a traceback).
+
+    Unary requests reach the handler as raw bytes and are parsed in the handler's task; for
+    streamed requests the deserializer raises MalformedRequest, which the servicer's error
+    mapping turns into INVALID_ARGUMENT like any other ValueError."""
+
+    async def intercept_service(self, continuation, handler_call_details):
+        handler = await continuation(handler_call_details)
+        if handler is None or handler.request_deserializer is None:
+            return handler
+        deserialize = handler.request_deserializer
+        method = handler_call_details.method.rsplit("/", 1)[-1]
+
+        def parse(raw: bytes):
+            try:
+                return deserialize(raw)
+            except Exception as exc:
+                raise MalformedRequest(
+                    f"the request is not a valid {method} request message ({exc})"
+                ) from None
+
+        serializer = handler.response_serializer
+        if handler.unary_unary is not None:
+            inner = handler.unary_unary
+
+            async def unary_unary(raw, context):
+                try:
+                    request = parse(raw)
+                except MalformedRequest as exc:
+                    await context.abort(*status_for(exc))
+                return await inner(request, context)
+
+            return grpc.unary_unary_rpc_method_handler(
+                unary_unary, response_serializer=serializer
+            )
+        if handler.unary_stream is not None:
+            inner_stream = handler.unary_stream
+
+            async def unary_stream(raw, context):
+                try:
+                    request = parse(raw)
+                except MalformedRequest as exc:
+                    await context.abort(*status_for(exc))
+                async for item in inner_stream(request, context):
+                    yield item
+
+            return grpc.unary_stream_rpc_method_handler(
+                unary_stream, response_serializer=serializer
+            )
+        if handler.stream_stream is not None:
+            return grpc.stream_stream_rpc_method_handler(
+                handler.stream_stream, request_deserializer=parse,
+                response_serializer=serializer,
+            )
+        return grpc.stream_unary_rpc_method_handler(
+            handler.stream_unary, request_deserializer=parse, response_serializer=serializer
+        )

@@ -22,8 +22,9 @@ from grpc_reflection.v1alpha import reflection
 
 from secant.v1 import optimizer_pb2 as pb
 from secant.v1 import optimizer_pb2_grpc as pb_grpc
-from service.auth import AuthInterceptor, TokenStore
+from service.auth import AuthInterceptor, TokenStore, parse_tokens
 from service.callbacks import CallbackJobs, CallbackSettings
+from service.errors import RequestParsingInterceptor
 from service.jobs import JobManager
 from service.metrics import Metrics, MetricsInterceptor
 from service.scheduler import RayCluster, Scheduler
@@ -83,6 +84,12 @@ def check_config(config: GatewayConfig) -> None:
         raise ValueError("--tls-cert and --tls-key go together")
     if config.tls_client_ca is not None and config.tls_cert is None:
         raise ValueError("--tls-client-ca (mutual TLS) needs --tls-cert and --tls-key")
+    for flag, path in (("--tls-cert", config.tls_cert), ("--tls-key", config.tls_key),
+                       ("--tls-client-ca", config.tls_client_ca), ("--tokens", config.tokens)):
+        if path is not None and not Path(path).expanduser().is_file():
+            raise ValueError(f"{flag} {path}: no such file")
+    if config.tokens is not None:
+        parse_tokens(Path(config.tokens).read_text(), config.tokens)  # a broken file: refuse
     if not _is_loopback(config.host) and config.tokens is None:
         if not config.allow_remote_without_auth:
             raise ValueError(
@@ -164,6 +171,7 @@ class Gateway:
         interceptors: list[grpc.aio.ServerInterceptor] = [MetricsInterceptor(self.metrics)]
         if config.tokens is not None:
             interceptors.append(AuthInterceptor(TokenStore(config.tokens)))
+        interceptors.append(RequestParsingInterceptor())  # innermost: after auth
         self._server = grpc.aio.server(
             interceptors=interceptors,
             maximum_concurrent_rpcs=config.max_concurrent_rpcs,
