@@ -1,0 +1,232 @@
+"""ZeRO stages 0-3 behind zero.wrap: two gloo workers on 127.0.0.1 (torch.multiprocessing
+spawn) follow 1-worker training on the same global batch, and each worker holds the bytes the
+ZeRO formulas say."""
+
+from __future__ import annotations
+
+import os
+import socket
+import tempfile
+import traceback
+from datetime import timedelta
+
+import pytest
+import torch
+import torch.distributed as dist
+import torch.multiprocessing as mp
+from torch import nn
+
+from workers.training.large_batch import accumulate_gradients
+from workers.training.memory import (
+    MemoryProbe,
+    fsdp2_stage2_expected,
+    zero_formula,
+)
+from workers.training.zero import (
+    ShardingPlan,
+    ZeroStage,
+    full_model_state_dict,
+    no_sync,
+    wrap,
+)
+
+WORLD = 2
+STEPS = 20
+GLOBAL_BATCH = 16
+SPAWN_TIMEOUT_S = 60
+
+
+def _mlp() -> nn.Module:
+    torch.manual_seed(0)
+    return nn.Sequential(nn.Linear(8, 32), nn.Tanh(), nn.Linear(32, 32), nn.Tanh(),
+                         nn.Linear(32, 4))
+
+
+def _data() -> tuple[torch.Tensor, torch.Tensor]:
+    g = torch.Generator().manual_seed(1)
+    X = torch.randn(STEPS, GLOBAL_BATCH, 8, generator=g)
+    y = torch.randint(0, 4, (STEPS, GLOBAL_BATCH), generator=g)
+    return X, y
+
+
+def _adam(params):
+    return torch.optim.Adam(params, lr=1e-2)
+
+
+def _reference_losses() -> tuple[list[float], dict[str, torch.Tensor]]:
+    model, (X, y) = _mlp(), _data()
+    optimizer = _adam(model.parameters())
+    losses = []
+    for step in range(STEPS):
+        optimizer.zero_grad()
+        loss = nn.functional.cross_entropy(model(X[step]), y[step])
+        loss.backward()
+        optimizer.step()
+        losses.append(loss.item())
+    return losses, model.state_dict()
+
+
+def _free_port() -> int:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return sock.getsockname()[1]
+
+
+def _run_workers(fn, *args) -> list:
+    """Runs fn(rank, *args) on WORLD gloo ranks; returns each rank's result."""
+    port = _free_port()
+    with tempfile.TemporaryDirectory() as tmp:
+        mp.start_processes(_worker_main, args=(fn, port, tmp, *args), nprocs=WORLD,
+                           join=True, start_method="spawn")
+        results = []
+        for rank in range(WORLD):
+            outcome = torch.load(os.path.join(tmp, f"{rank}.pt"), weights_only=False)
+            if isinstance(outcome, str):
+                pytest.fail(f"rank {rank} failed:\n{outcome}")
+            results.append(outcome)
+        return results
+
+
+def _worker_main(rank: int, fn, port: int, tmp: str, *args) -> None:
+    torch.set_num_threads(1)
+    try:
+        dist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{port}", rank=rank,
+                                world_size=WORLD, timeout=timedelta(seconds=SPAWN_TIMEOUT_S))
+        outcome = fn(rank, *args)
+    except BaseException:  # reported to the parent test, which fails with it
+        outcome = traceback.format_exc()
+    finally:
+        if dist.is_initialized():
+            dist.destroy_process_group()
+    torch.save(outcome, os.path.join(tmp, f"{rank}.pt"))
+
+
+def _train_every_stage(rank: int) -> dict:
+    X, y = _data()
+    rows = GLOBAL_BATCH // WORLD
+    out = {}
+    for stage in ZeroStage:
+        model, optimizer = wrap(_mlp(), _adam, ShardingPlan(stage=stage))
+        losses = []
+        for step in range(STEPS):
+            optimizer.zero_grad()
+            xb, yb = (t[step, rank * rows:(rank + 1) * rows] for t in (X, y))
+            loss = nn.functional.cross_entropy(model(xb), yb)
+            loss.backward()
+            optimizer.step()
+            mean = loss.detach().clone()
+            dist.all_reduce(mean)
+            losses.append(mean.item() / WORLD)
+        out[int(stage)] = (losses, full_model_state_dict(model))
+        out[("accumulated", int(stage))] = _accumulated_losses(rank, stage, "float32")
+    out[("bf16", 3)] = _accumulated_losses(rank, ZeroStage.PARAMETERS, "bfloat16")
+    return out
+
+
+def _accumulated_losses(rank: int, stage: ZeroStage, param_dtype: str) -> list[float]:
+    """5 steps, each worker's slice as 2 micro-batches (communication on the last only)."""
+    X, y = _data()
+    rows = GLOBAL_BATCH // WORLD
+    model, optimizer = wrap(_mlp(), _adam, ShardingPlan(stage=stage, param_dtype=param_dtype))
+    losses = []
+    for step in range(5):
+        optimizer.zero_grad()
+        xb, yb = (t[step, rank * rows:(rank + 1) * rows] for t in (X, y))
+        local = accumulate_gradients(model, nn.functional.cross_entropy, xb, yb, 2,
+                                     no_sync=no_sync)
+        mean = torch.tensor([local])
+        dist.all_reduce(mean)
+        optimizer.step()
+        losses.append(mean.item() / WORLD)
+    return losses
+
+
+def test_every_stage_at_two_workers_follows_one_worker_training():
+    """20 steps per stage; also 5 steps with 2-micro-batch accumulation per stage, and 5 with
+    a bf16 compute copy at stage 3 (bf16 tolerance)."""
+    expected_losses, expected_weights = _reference_losses()
+
+    results = _run_workers(_train_every_stage)
+
+    for stage in ZeroStage:
+        for rank, result in enumerate(results):
+            losses, weights = result[int(stage)]
+            assert losses == pytest.approx(expected_losses, rel=1e-4, abs=1e-5), (stage, rank)
+            accumulated = result[("accumulated", int(stage))]
+            assert accumulated == pytest.approx(expected_losses[:5], rel=1e-4, abs=1e-5)
+            for name, value in expected_weights.items():
+                torch.testing.assert_close(weights[name], value, rtol=1e-4, atol=1e-5,
+                                           msg=f"stage {stage} rank {rank} {name}")
+    for result in results:
+        assert result[("bf16", 3)] == pytest.approx(expected_losses[:5], rel=3e-2)
+
+
+WIDTH, DEPTH = 512, 4  # P = 4 * (512 * 512 + 512) ~ 1.05M: padding cannot dominate
+
+
+def _wide() -> nn.Module:
+    torch.manual_seed(0)
+    return nn.Sequential(*[nn.Linear(WIDTH, WIDTH) for _ in range(DEPTH)])
+
+
+def _measure_every_stage(rank: int) -> dict:
+    out = {}
+    xb = torch.randn(4, WIDTH)
+    for stage in ZeroStage:
+        model, optimizer = wrap(_wide(), _adam, ShardingPlan(stage=stage))
+        probe = MemoryProbe(model, optimizer)
+        with probe:
+            model(xb).square().mean().backward()
+            optimizer.step()
+        out[int(stage)] = probe.report(stage, WORLD, rank)
+    return out
+
+
+def test_each_worker_holds_what_the_zero_formula_says():
+    results = _run_workers(_measure_every_stage)
+
+    for reports in results:
+        for stage in (0, 1, 3):
+            report = reports[stage]
+            formula = zero_formula(stage, report.parameter_count, WORLD)
+            assert report.formula == formula
+            assert report.measured.parameters == pytest.approx(formula.parameters, rel=0.05)
+            assert report.measured.gradients == pytest.approx(formula.gradients, rel=0.05)
+            assert report.measured.optimizer == pytest.approx(formula.optimizer, rel=0.05)
+            assert report.ratio == pytest.approx(1.0, abs=0.05)
+        # FSDP2's SHARD_GRAD_OP: grads and Adam state as the formula; parameters are the
+        # formula's replicated 4P (gathered for forward/backward) plus the 4P/N shard the
+        # optimizer updates; between steps only the shard is held.
+        stage2 = reports[2]
+        formula = zero_formula(2, stage2.parameter_count, WORLD)
+        assert stage2.measured.gradients == pytest.approx(formula.gradients, rel=0.05)
+        assert stage2.measured.optimizer == pytest.approx(formula.optimizer, rel=0.05)
+        expected = fsdp2_stage2_expected(stage2.parameter_count, WORLD)
+        assert stage2.measured.parameters == pytest.approx(expected.parameters, rel=0.05)
+        assert stage2.at_rest_parameters == pytest.approx(formula.parameters / WORLD, rel=0.05)
+
+
+@pytest.mark.parametrize("field,value", [
+    ("stage", 4), ("stage", "2"), ("stage", True), ("param_dtype", "float8"),
+    ("bucket_cap_mb", 0),
+])
+def test_sharding_plan_rejects_bad_settings_naming_the_field(field, value):
+    with pytest.raises(ValueError, match=f"ShardingPlan.{field}"):
+        ShardingPlan(**{field: value})
+
+
+def test_bf16_compute_copy_needs_a_sharded_stage():
+    with pytest.raises(ValueError, match="param_dtype"):
+        ShardingPlan(stage=1, param_dtype="bfloat16")
+    assert ShardingPlan(stage=3, param_dtype="bfloat16").stage is ZeroStage.PARAMETERS
+
+
+def test_formulas_match_the_zero_paper():
+    p, n = 1_000_000, 4
+    assert zero_formula(0, p, n).total == 16 * p
+    assert zero_formula(1, p, n).total == 8 * p + 8 * p // n
+    assert zero_formula(2, p, n).total == 4 * p + 12 * p // n
+    assert zero_formula(3, p, n).total == 16 * p // n
+    assert zero_formula(1, p, n, "mixed").total == 4 * p + 12 * p // n
+    assert zero_formula(2, p, n, "mixed").total == 2 * p + 14 * p // n
+    assert zero_formula(3, p, n, "mixed").total == 16 * p // n
