@@ -24,6 +24,7 @@ from workers.training.kfac import (
     CostBalancedAssignment,
     KFACPreconditioner,
     TorchDistributedCommunicator,
+    sampled_loss,
 )
 from workers.training.natural_gradient import NaturalGradientPreconditioner
 
@@ -311,3 +312,169 @@ def test_natural_gradient_solves_the_damped_empirical_fisher_system(batch):
     fisher = jacobian.T @ jacobian / batch + damping * torch.eye(jacobian.shape[1])
     expected = torch.linalg.solve(fisher, jacobian.mean(0))
     torch.testing.assert_close(got, expected, rtol=1e-7, atol=1e-9)
+
+
+# ---------------------------------------------------------------- sampled (true) Fisher
+
+
+def _explicit_gauss_newton_g(model, x, loss):
+    """Per layer, the G factor with the loss's output Hessian in place of r r^T:
+    N * sum_i J_i^T (H_i / M^2) J_i, J_i = d(model output of example i) / d(layer output i)."""
+    first, act, second = model
+    s1 = first(x)
+    out = second(act(s1))
+    n = x.shape[0]
+    if loss == "cross_entropy":
+        probs = torch.softmax(out, -1)
+        hessians = [torch.diag(p) - torch.outer(p, p) for p in probs]
+        items = n
+    else:  # mse, mean over the n * d elements: Hessian 2 per element
+        hessians = [2.0 * torch.eye(out.shape[1]) for _ in range(n)]
+        items = out.numel()
+    d_out_d_s2 = torch.eye(out.shape[1])
+    expected = {"0": 0, "2": 0}
+    for i in range(n):
+        jac_s1 = torch.autograd.functional.jacobian(lambda s: second(act(s)), s1[i].detach())
+        for name, jac in (("0", jac_s1), ("2", d_out_d_s2)):
+            expected[name] = expected[name] + n * jac.T @ hessians[i] @ jac / items**2
+    return {name: g.detach() for name, g in expected.items()}
+
+
+@pytest.mark.parametrize("loss", ["cross_entropy", "mse"])
+def test_sampled_fisher_g_factor_averages_to_the_gauss_newton_factor(loss):
+    model = _mlp()
+    x, labels = _batch(n=5)
+    target = labels if loss == "cross_entropy" else torch.randn(5, 3)
+    loss_fn = F.cross_entropy if loss == "cross_entropy" else F.mse_loss
+    expected = _explicit_gauss_newton_g(model, x, loss)
+    draws = 3000
+    # factor_decay -> running mean: the paper's warm start gives decay 1 - 1/k, i.e. the mean
+    kfac = KFACPreconditioner(model, fisher="sampled", loss=loss, factor_decay=0.999999,
+                              kl_clip=None, inv_update_steps=10**9, seed=5)
+    for _ in range(draws):
+        model.zero_grad()
+        output = model(x)
+        kfac.curvature_backward(output)
+        loss_fn(output, target).backward()
+        kfac.step()
+    for name, g in expected.items():
+        got = kfac.blocks[name].g_factor
+        # Monte Carlo: relative error ~ 1/sqrt(draws) per entry
+        assert float((got - g).norm() / g.norm()) < 0.06, name
+    # A does not depend on the targets: still exactly E[a a^T]
+    a_hom = torch.cat([x, torch.ones(5, 1)], dim=1)
+    torch.testing.assert_close(kfac.blocks["0"].a_factor, a_hom.T @ a_hom / 5)
+
+
+def test_sampled_loss_residuals_have_the_loss_hessian_as_covariance():
+    generator = torch.Generator().manual_seed(0)
+    logits = torch.randn(1, 4, generator=generator)
+    draws = 20000
+    output = logits.expand(draws, 4).clone().requires_grad_(True)
+    noise = torch.rand(draws, 1, generator=generator)
+    grad, = torch.autograd.grad(sampled_loss("cross_entropy", output, noise), output)
+    residual = grad * draws  # (1/M) r per row, M = draws
+    probs = torch.softmax(logits[0], -1)
+    torch.testing.assert_close(residual.T @ residual / draws,
+                               torch.diag(probs) - torch.outer(probs, probs), atol=1e-2, rtol=0)
+    torch.testing.assert_close(residual.mean(0), torch.zeros(4), atol=1e-2, rtol=0)
+
+
+def test_sampled_fisher_without_curvature_backward_is_an_error():
+    model = _mlp()
+    kfac = KFACPreconditioner(model, fisher="sampled", loss="cross_entropy")
+    x, y = _batch()
+    F.cross_entropy(model(x), y).backward()
+    with pytest.raises(RuntimeError, match="curvature_backward"):
+        kfac.step()
+
+
+def test_sampled_fisher_needs_the_loss_kind():
+    with pytest.raises(ValueError, match="loss"):
+        KFACPreconditioner(_mlp(), fisher="sampled")
+
+
+def test_factor_average_uses_the_papers_warm_start():
+    model = _mlp()
+    kfac = KFACPreconditioner(model, factor_decay=0.95, kl_clip=None)
+    batches = []
+    for seed in range(3):
+        x, y = _batch(seed=seed)
+        model.zero_grad()
+        F.cross_entropy(model(x), y).backward()
+        kfac.step()
+        a_hom = torch.cat([x, torch.ones(x.shape[0], 1)], dim=1)
+        batches.append(a_hom.T @ a_hom / x.shape[0])
+    # decays 0, 1/2, 2/3: the plain mean of the three batches
+    torch.testing.assert_close(kfac.blocks["0"].a_factor, sum(batches) / 3)
+
+
+# ---------------------------------------------------------------- rescaling (6.4) and LM (6.5)
+
+
+def test_rescaled_step_minimizes_the_exact_quadratic_model():
+    model = _mlp()
+    x, y = _batch(n=16)
+    damping = 0.05
+    kfac = KFACPreconditioner(model, rescale=True, loss="cross_entropy", damping=damping,
+                              lr=1.0, compute_method="inverse")
+    params = list(model.parameters())
+
+    def flat_grad():
+        return torch.cat([p.grad.reshape(-1) for p in params])
+
+    def exact_gauss_newton():
+        flat = torch.cat([p.detach().reshape(-1) for p in params])
+
+        def f(theta):
+            pieces, offset = {}, 0
+            for (name, p) in model.named_parameters():
+                pieces[name] = theta[offset:offset + p.numel()].view_as(p)
+                offset += p.numel()
+            return torch.func.functional_call(model, pieces, (x,))
+
+        jac = torch.autograd.functional.jacobian(f, flat)  # (n, 3, P)
+        probs = torch.softmax(f(flat), -1)
+        gn = 0
+        for i in range(x.shape[0]):
+            h = torch.diag(probs[i]) - torch.outer(probs[i], probs[i])
+            gn = gn + jac[i].T @ h @ jac[i]
+        return gn / x.shape[0]
+
+    previous = None
+    for _ in range(2):  # the second step has a previous update: a real 2x2 solve
+        model.zero_grad()
+        output = model(x)
+        F.cross_entropy(output, y).backward()
+        g = flat_grad().clone()
+        curvature = exact_gauss_newton() + damping * torch.eye(g.numel())
+        block_grads = {}
+        for name, block in kfac.blocks.items():
+            block_grads[name] = block.grad_matrix().clone()
+        kfac.step(x, y, float(F.cross_entropy(output, y)))
+        update = -flat_grad()  # SGD at lr 1 applies -grad
+        # update = alpha Delta + mu previous, with grad . update + update C update / 2 minimal:
+        # along both directions, the model's gradient is orthogonal
+        residual = g + curvature @ update
+        directions = [update] if previous is None else [update, previous]
+        for d in directions:
+            assert abs(float(residual @ d)) < 1e-8 * float(g.norm() * d.norm()) + 1e-12
+        with torch.no_grad():
+            for p, piece in zip(params, torch.split(update, [p.numel() for p in params]),
+                                strict=True):
+                p.add_(piece.view_as(p))
+        previous = update
+    assert kfac.alpha_mu[1] != 0.0
+
+
+def test_levenberg_marquardt_raises_damping_when_the_model_overestimates():
+    model = _mlp()
+    kfac = KFACPreconditioner(model, rescale=True, adapt_damping=1, loss="cross_entropy",
+                              damping=1e-4, lr=1.0)
+    x, y = _batch()
+    output = model(x)
+    loss = F.cross_entropy(output, y)
+    loss.backward()
+    # a lie about the loss at theta: the step "increases" the loss, rho < 1/4
+    kfac.step(x, y, float(loss) - 10.0)
+    assert kfac.last_rho < 0.25 and kfac.current_damping == pytest.approx(1e-4 * 20 / 19)

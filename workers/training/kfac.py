@@ -25,7 +25,23 @@ Conventions (the scale of the factors matters against the damping):
   over examples of the per-example outer products, summed over the rows of one example
   (spatial positions; Grosse & Martens' KFC with the 1/|T| moved into A). For a plain Linear
   layer on (N, features) inputs this is exactly E[g g^T] of per-example gradients.
-- the curvature is the empirical Fisher: g comes from the backward pass of the training loss.
+- the curvature (`fisher`): EMPIRICAL takes g from the backward pass of the training loss;
+  SAMPLED (Martens & Grosse's true Fisher) takes g from the backward pass of a loss whose
+  targets are drawn from the model's own predictive distribution (`sampled_loss`), so that
+  E[G] is the Gauss-Newton / Fisher factor: a softmax label for cross_entropy, a Bernoulli one
+  for bce, Gaussian noise for mse. It costs one extra backward on factor-update steps only
+  (`curvature_backward(output)`, before `loss.backward()`), down to the layer outputs only.
+- running averages use the paper's warm start: decay min(1 - 1/k, factor_decay) at the k-th
+  factor update (k=1 initializes the average).
+- the update (`rescale`): False leaves the preconditioned gradient to the wrapped optimizer
+  (learning rate, momentum, KL clip, as kfac-pytorch); True is Martens & Grosse's section 6.4:
+  the step is alpha * Delta + mu * delta_prev, with Delta the preconditioned descent direction
+  and (alpha, mu) minimizing the quadratic model with the exact (Gauss-Newton) Fisher of the
+  batch, damped with lambda: a 2x2 solve on two Jacobian-vector products (forward mode). The
+  loop then runs plain SGD (no momentum, no weight decay) and K-FAC writes -step / lr.
+  `adapt_damping` adds section 6.5's Levenberg-Marquardt rule every T steps:
+  rho = (h(theta + step) - h(theta)) / M(step); lambda *= (19/20)^T if rho > 3/4,
+  lambda /= (19/20)^T if rho < 1/4.
 - damping lambda is split between the factors with Martens & Grosse's pi-correction:
   A + pi sqrt(lambda) I and G + sqrt(lambda)/pi I, pi = sqrt((tr A / dim A) / (tr G / dim G)).
   The eigen method applies the same split to the eigenvalues, so both methods compute the
@@ -68,6 +84,16 @@ class ComputeMethod(enum.Enum):
     INVERSE = "inverse"
 
 
+class FisherType(enum.Enum):
+    """Where the output gradients g of the G factor come from (see the module docstring)."""
+
+    EMPIRICAL = "empirical"
+    SAMPLED = "sampled"
+
+
+LOSS_KINDS = ("cross_entropy", "mse", "bce")
+
+
 # ======================================================================== curvature blocks
 
 
@@ -93,6 +119,8 @@ class CurvatureBlock:
         self._g_sum: Tensor | None = None
         self._a_calls = 0
         self._g_calls = 0
+        # layer outputs kept for the sampled-Fisher backward (factor-update steps only)
+        self.outputs: list[Tensor] = []
         # the damped curvature's inverse or eigendecomposition
         self.a_inverse: Tensor | None = None
         self.g_inverse: Tensor | None = None
@@ -102,7 +130,6 @@ class CurvatureBlock:
         self.g_eigenvalues: Tensor | None = None
         self.a_damping = 0.0
         self.g_damping = 0.0
-        self._eigen_denominator: Tensor | None = None
 
     # ---- shapes, per layer type
     def input_rows(self, inputs: Tensor) -> Tensor:
@@ -174,6 +201,7 @@ class CurvatureBlock:
     def _reset_batch(self) -> None:
         self._a_sum = self._g_sum = None
         self._a_calls = self._g_calls = 0
+        self.outputs = []
 
     def update_running_factors(self, a_batch: Tensor, g_batch: Tensor, decay: float) -> None:
         """Exponential moving average; the first batch initializes the average."""
@@ -208,6 +236,17 @@ class CurvatureBlock:
             self.g_eigenvalues, self.g_eigenvectors = _eigh(self.g_factor)
         self.after_inverses_received()
 
+    def redamp(self, damping: float) -> None:
+        """A new lambda on the current factors: EIGEN reuses its eigenbases (two products per
+        factor), INVERSE inverts again."""
+        if self.a_factor is None:
+            return
+        if self.method is ComputeMethod.INVERSE:
+            self.compute_inverses(damping)
+        elif self.a_eigenvalues is not None:
+            self.a_damping, self.g_damping = self.split_damping(damping)
+            self.after_inverses_received()
+
     def inverse_tensors(self) -> list[Tensor]:
         """The tensors its assigned worker broadcasts (allocated on every worker)."""
         dtype, device = self.module.weight.dtype, self.module.weight.device
@@ -229,23 +268,19 @@ class CurvatureBlock:
         return tensors
 
     def after_inverses_received(self) -> None:
+        """EIGEN: the damped inverses Q diag(1 / (d + damping)) Q^T, formed once per inverse
+        (or damping) update so that every step's preconditioning is two products."""
         if self.method is ComputeMethod.EIGEN and self.a_eigenvalues is not None:
-            self._eigen_denominator = torch.outer(
-                self.g_eigenvalues + self.g_damping, self.a_eigenvalues + self.a_damping
-            )
+            self.a_inverse = _from_eigen(self.a_eigenvectors, self.a_eigenvalues, self.a_damping)
+            self.g_inverse = _from_eigen(self.g_eigenvectors, self.g_eigenvalues, self.g_damping)
 
     @property
     def ready(self) -> bool:
-        if self.method is ComputeMethod.INVERSE:
-            return self.a_inverse is not None
-        return self._eigen_denominator is not None
+        return self.a_inverse is not None
 
     def precondition(self, grad: Tensor) -> Tensor:
         """G_d^-1 grad A_d^-1 for grad of shape (dim_G, dim_A)."""
-        if self.method is ComputeMethod.INVERSE:
-            return self.g_inverse @ grad @ self.a_inverse
-        rotated = self.g_eigenvectors.T @ grad @ self.a_eigenvectors
-        return self.g_eigenvectors @ (rotated / self._eigen_denominator) @ self.a_eigenvectors.T
+        return self.g_inverse @ grad @ self.a_inverse
 
     # ---- checkpoints
     def state_tensors(self) -> dict[str, Tensor]:
@@ -328,6 +363,10 @@ def _damped_inverse(factor: Tensor, damping: float) -> Tensor:
     cholesky, info = torch.linalg.cholesky_ex(wide)
     inverse = torch.cholesky_inverse(cholesky) if int(info) == 0 else torch.linalg.pinv(wide)
     return inverse.to(factor.dtype)
+
+
+def _from_eigen(vectors: Tensor, values: Tensor, damping: float) -> Tensor:
+    return (vectors / (values + damping)) @ vectors.T
 
 
 def _eigh(factor: Tensor) -> tuple[Tensor, Tensor]:
@@ -441,22 +480,91 @@ def _unpack(flat: Tensor, tensors: list[Tensor]) -> None:
         offset += count
 
 
+# ======================================================================== sampled Fisher
+
+
+def sampled_loss(loss: str, output: Tensor, noise: Tensor) -> Tensor:
+    """A loss whose gradient w.r.t. `output` is the gradient of the training loss `loss` (a mean
+    over its M items: rows for cross_entropy, elements for mse and bce) at targets drawn from
+    the model's predictive distribution: (1/M) sum_m r_m . output_m with r_m = p_m - onehot(y~),
+    y~ ~ softmax (cross_entropy); r_m = s_m - y~, y~ ~ Bernoulli(sigmoid) (bce);
+    r_m = sqrt(2) eps, eps ~ N(0, 1), the gradient of (f - y~)^2 at y~ ~ N(f, 1/2) (mse).
+    E[r r^T] is the loss's Hessian in the output (diag(p) - p p^T; s(1-s); 2), so the G factor
+    built from these gradients is, in expectation, the Gauss-Newton (= true Fisher) factor.
+
+    `noise` holds uniforms in [0, 1) for cross_entropy (output.shape[:-1] + (1,)) and bce
+    (output.shape), standard normals for mse (output.shape): drawn by the caller, so that data
+    parallel workers can slice one global draw (see KFACPreconditioner)."""
+    detached = output.detach()
+    if loss == "cross_entropy":
+        probs = torch.softmax(detached, dim=-1)
+        labels = (probs.cumsum(-1) < noise).sum(-1, keepdim=True).clamp(max=probs.shape[-1] - 1)
+        residual = probs - torch.zeros_like(probs).scatter_(-1, labels, 1.0)
+        items = detached.numel() // detached.shape[-1]
+    elif loss == "bce":
+        probs = torch.sigmoid(detached)
+        residual = probs - (noise < probs).to(probs.dtype)
+        items = detached.numel()
+    elif loss == "mse":
+        residual = math.sqrt(2.0) * noise
+        items = detached.numel()
+    else:
+        raise ValueError(f"loss must be one of {list(LOSS_KINDS)}, got {loss!r}")
+    return (output * residual).sum() / items
+
+
+def _loss_value(loss: str, output: Tensor, target: Tensor) -> Tensor:
+    """The training loss (the same means as workers.training.loop.loss_function)."""
+    if loss == "cross_entropy":
+        return F.cross_entropy(output.reshape(-1, output.shape[-1]), target.reshape(-1))
+    if loss == "mse":
+        return F.mse_loss(output, target.reshape(output.shape))
+    return F.binary_cross_entropy_with_logits(output, target.reshape(output.shape))
+
+
+def _gauss_newton_form(loss: str, output: Tensor, u: Tensor, v: Tensor) -> Tensor:
+    """u^T H v / M summed over the items: the loss's output Hessian H (mean over M items)."""
+    if loss == "cross_entropy":
+        probs = torch.softmax(output, dim=-1)
+        pu, pv = (probs * u).sum(-1), (probs * v).sum(-1)
+        return ((probs * u * v).sum(-1) - pu * pv).sum() / (output.numel() // output.shape[-1])
+    if loss == "bce":
+        probs = torch.sigmoid(output)
+        return (probs * (1 - probs) * u * v).sum() / output.numel()
+    return 2.0 * (u * v).sum() / output.numel()
+
+
 # ======================================================================== orchestrator
 
 
 class KFACPreconditioner:
     """Orders a K-FAC step: factors -> (all-reduce) -> inverses on assigned workers ->
-    (broadcast) -> precondition -> KL clip -> write .grad. Call `step()` after
-    `loss.backward()` and before the wrapped optimizer's `step()`.
+    (broadcast) -> precondition -> KL clip or rescale -> write .grad. Per step:
+
+        output = model(x); loss = loss_fn(output, y)
+        kfac.curvature_backward(output)   # sampled Fisher, factor-update steps only
+        loss.backward()
+        kfac.step(x, y, float(loss))      # inputs / targets / loss: for rescale only
+        optimizer.step()
 
     Settings (schedules are a constant or a function of the step number):
-      damping: Tikhonov lambda, split between factors with the pi-correction.
+      damping: Tikhonov lambda, split between factors with the pi-correction (with
+        adapt_damping: its starting value, then Levenberg-Marquardt adapted).
       factor_update_steps / inv_update_steps: how often factors are collected / inverted
         (hooks do nothing on other steps).
-      factor_decay: running-average weight of the old factors, in [0, 1).
+      factor_decay: running-average weight of the old factors, in [0, 1) (warm-started).
       kl_clip: scale the update so that lr^2 * sum(precond_grad * grad) <= kl_clip
         (None: no clipping); lr is the wrapped optimizer's learning rate (a schedule).
+        Not used with rescale (alpha sets the scale).
       compute_method: ComputeMethod.EIGEN or .INVERSE.
+      fisher / loss / seed: FisherType.EMPIRICAL or .SAMPLED; sampled needs the loss kind
+        (cross_entropy, mse, bce) and draws from a generator seeded with `seed`, one global
+        draw sliced by rank (so N workers compute what 1 worker computes on the global batch).
+      rescale: Martens & Grosse 6.4's alpha / mu step (see the module docstring; needs `loss`);
+        rescale_steps: solve for (alpha, mu) every this many steps, reusing them in between
+        (1: every step, as the paper; each solve costs two forward-mode passes).
+      adapt_damping: Levenberg-Marquardt lambda every this many steps (paper: 5); 0: off.
+        Needs rescale (rho uses its quadratic model).
       skip_layers: module names or class names (case-insensitive) to leave unpreconditioned.
       communicator / assignment: see `Communicator`, `WorkAssignment`.
     """
@@ -472,11 +580,19 @@ class KFACPreconditioner:
         kl_clip: Schedule | None = 1e-3,
         lr: Schedule = 0.1,
         compute_method: ComputeMethod | str = ComputeMethod.EIGEN,
+        fisher: FisherType | str = FisherType.EMPIRICAL,
+        loss: str | None = None,
+        seed: int = 0,
+        rescale: bool = False,
+        rescale_steps: int = 1,
+        adapt_damping: int = 0,
         skip_layers: Iterable[str] = (),
         communicator: Communicator | None = None,
         assignment: WorkAssignment | None = None,
     ) -> None:
+        self.model = model
         self.compute_method = ComputeMethod(compute_method)
+        self.fisher = FisherType(fisher)
         self.damping = _checked_schedule("damping", damping, lower=0.0, lower_open=True)
         self.factor_update_steps = _checked_interval("factor_update_steps", factor_update_steps)
         self.inv_update_steps = _checked_interval("inv_update_steps", inv_update_steps)
@@ -484,6 +600,18 @@ class KFACPreconditioner:
         self.kl_clip = (None if kl_clip is None
                         else _checked_schedule("kl_clip", kl_clip, lower=0.0, lower_open=True))
         self.lr = _checked_schedule("lr", lr, lower=0.0, lower_open=True)
+        if loss is not None and loss not in LOSS_KINDS:
+            raise ValueError(f"loss must be one of {list(LOSS_KINDS)}, got {loss!r}")
+        if loss is None and (self.fisher is FisherType.SAMPLED or rescale):
+            raise ValueError("fisher='sampled' and rescale need the loss kind (loss=...)")
+        if adapt_damping and not rescale:
+            raise ValueError("adapt_damping needs rescale (rho uses its quadratic model)")
+        self.loss = loss
+        self.rescale = bool(rescale)
+        self.rescale_steps = _checked_interval("rescale_steps", rescale_steps)
+        self.adapt_damping = _checked_interval("adapt_damping", adapt_damping or 1) \
+            if adapt_damping else 0
+        self.generator = torch.Generator().manual_seed(seed)
         self.communicator: Communicator = communicator or LocalCommunicator()
         self.assignment_policy: WorkAssignment = assignment or CostBalancedAssignment()
         skip = {s.lower() for s in skip_layers}
@@ -502,20 +630,34 @@ class KFACPreconditioner:
             self.communicator.world_size,
         )
         self.steps = 0
+        self.factor_updates = 0
+        self.lm_damping = float(value_at(self.damping, 0))  # adapt_damping's lambda
+        self.previous_update: Tensor | None = None  # rescale's delta_prev, flat
+        self.alpha_mu = (0.0, 0.0)
+        self.last_rho: float | None = None
+        self._inverse_damping: float | None = None
+        self._hooks_enabled = True
         self._hooks = []
         for block in self.blocks.values():
             self._hooks.append(block.module.register_forward_hook(self._forward_hook(block)))
 
     # ---- hooks
-    def _collecting(self) -> bool:
+    @property
+    def collecting(self) -> bool:
+        """Whether this step collects factor statistics."""
         return self.steps % value_at(self.factor_update_steps, self.steps) == 0
 
     def _forward_hook(self, block: CurvatureBlock):
         def hook(module: nn.Module, inputs: tuple, output: Tensor) -> None:
-            if not (module.training and torch.is_grad_enabled() and self._collecting()):
+            if not (self._hooks_enabled and module.training and torch.is_grad_enabled()
+                    and self.collecting):
                 return
             block.accumulate_inputs(inputs[0])
-            if output.requires_grad:
+            if not output.requires_grad:
+                return
+            if self.fisher is FisherType.SAMPLED:
+                block.outputs.append(output)
+            else:
                 output.register_hook(block.accumulate_output_grads)
 
         return hook
@@ -525,29 +667,90 @@ class KFACPreconditioner:
             handle.remove()
         self._hooks.clear()
 
+    def curvature_backward(self, output: Tensor) -> None:
+        """The sampled Fisher's backward pass (fisher='sampled', factor-update steps; a no-op
+        otherwise): gradients of `sampled_loss` w.r.t. the layer outputs only (no parameter
+        gradients), keeping the graph for the training loss's backward."""
+        if self.fisher is not FisherType.SAMPLED or not self.collecting:
+            return
+        blocks = [block for block in self.blocks.values() if block.outputs]
+        if not blocks:
+            return
+        outputs = [out for block in blocks for out in block.outputs]
+        grads = torch.autograd.grad(sampled_loss(self.loss, output, self._noise(output)),
+                                    outputs, retain_graph=True, allow_unused=True)
+        position = 0
+        for block in blocks:
+            for out in block.outputs:
+                grad = grads[position]
+                position += 1
+                block.accumulate_output_grads(torch.zeros_like(out) if grad is None else grad)
+            block.outputs = []
+
+    def _noise(self, output: Tensor) -> Tensor:
+        """One draw for the global batch (world_size equal shards), this rank's slice."""
+        rank, world = self.communicator.rank, self.communicator.world_size
+        rows = output.shape[0]
+        shape = (output.shape if self.loss != "cross_entropy"
+                 else (*output.shape[:-1], 1))
+        draw = torch.rand if self.loss != "mse" else torch.randn
+        noise = draw((rows * world, *shape[1:]), generator=self.generator, dtype=output.dtype)
+        return noise[rank * rows:(rank + 1) * rows].to(output.device)
+
     # ---- the step
     @property
     def current_damping(self) -> float:
+        if self.adapt_damping:
+            return self.lm_damping
         return float(value_at(self.damping, self.steps))
 
     @torch.no_grad()
-    def step(self) -> None:
+    def step(self, inputs: Tensor | None = None, targets: Tensor | None = None,
+             loss: float | None = None) -> None:
+        """Preconditions the gradients in place. rescale needs this step's `inputs` and
+        `targets` (this worker's shard) and, with adapt_damping, its (global) batch `loss`."""
         step = self.steps
-        if self._collecting():
+        if self._collecting_now(step):
             self._update_factors(float(value_at(self.factor_decay, step)))
+        damping = self.current_damping
         if step % value_at(self.inv_update_steps, step) == 0:
-            self._update_inverses(float(value_at(self.damping, step)))
-        self._precondition_grads(step)
+            self._update_inverses(damping)
+        elif self.adapt_damping and damping != self._inverse_damping:
+            for block in self.blocks.values():
+                block.redamp(damping)
+            self._inverse_damping = damping
+        if self.rescale:
+            if inputs is None or targets is None:
+                raise ValueError("rescale needs step(inputs, targets, loss)")
+            self._rescaled_step(step, inputs, targets, loss)
+        else:
+            self._precondition_grads(step)
         self.steps += 1
+
+    def _collecting_now(self, step: int) -> bool:
+        collecting = step % value_at(self.factor_update_steps, step) == 0
+        if collecting and self.fisher is FisherType.SAMPLED:
+            pending = [b.name for b in self.blocks.values() if b.outputs]
+            if pending:
+                for block in self.blocks.values():
+                    block._reset_batch()
+                raise RuntimeError("fisher='sampled': call curvature_backward(output) before "
+                                   f"step() on factor-update steps (layers {pending})")
+        return collecting
 
     def _update_factors(self, decay: float) -> None:
         collected = [(block, block.take_batch_factors()) for block in self.blocks.values()]
         collected = [(block, factors) for block, factors in collected if factors is not None]
+        if not collected:
+            return
         self.communicator.all_reduce_mean([t for _, factors in collected for t in factors])
+        self.factor_updates += 1
+        decay = min(1.0 - 1.0 / self.factor_updates, decay)  # the paper's warm start
         for block, (a_batch, g_batch) in collected:
             block.update_running_factors(a_batch, g_batch, decay)
 
     def _update_inverses(self, damping: float) -> None:
+        self._inverse_damping = damping
         rank = self.communicator.rank
         by_source: dict[int, list[CurvatureBlock]] = {}
         for name, block in self.blocks.items():
@@ -569,13 +772,17 @@ class KFACPreconditioner:
                 for block in blocks:
                     block.after_inverses_received()
 
-    def _precondition_grads(self, step: int) -> None:
-        updates: list[tuple[CurvatureBlock, Tensor, Tensor]] = []
+    def _precondition_blocks(self) -> list[tuple[CurvatureBlock, Tensor, Tensor]]:
+        updates = []
         for block in self.blocks.values():
             grad = block.grad_matrix()
             if grad is None or not block.ready:
                 continue
             updates.append((block, grad, block.precondition(grad)))
+        return updates
+
+    def _precondition_grads(self, step: int) -> None:
+        updates = self._precondition_blocks()
         if not updates:
             return
         scale = None
@@ -583,14 +790,155 @@ class KFACPreconditioner:
             lr = float(value_at(self.lr, step))
             kl_clip = float(value_at(self.kl_clip, step))
             # vg = lr^2 * <precond_grad, grad>: the update's size in the Fisher metric
-            vg_sum = sum((pre * grad).sum() for _, grad, pre in updates) * lr**2
+            vg_sum = torch.stack([torch.vdot(pre.reshape(-1), grad.reshape(-1))
+                                  for _, grad, pre in updates]).sum() * lr**2
             scale = torch.clamp(torch.sqrt(kl_clip / vg_sum.abs().clamp(min=1e-30)), max=1.0)
         for block, _, pre in updates:
             block.set_grad_matrix(pre if scale is None else pre * scale)
 
+    # ---- Martens & Grosse 6.4 / 6.5
+    def _trainable(self) -> list[tuple[str, nn.Parameter]]:
+        return [(name, p) for name, p in self.model.named_parameters()
+                if p.requires_grad and p.grad is not None]
+
+    def _rescaled_step(self, step: int, inputs: Tensor, targets: Tensor,
+                       loss: float | None) -> None:
+        named = self._trainable()
+        params = [p for _, p in named]
+        raw = torch.cat([p.grad.reshape(-1) for p in params])
+        for block, _, pre in self._precondition_blocks():
+            block.set_grad_matrix(pre)
+        direction = -torch.cat([p.grad.reshape(-1) for p in params])  # Delta
+        previous = self.previous_update
+        if previous is not None and previous.shape != direction.shape:
+            previous = None
+        solve = step % self.rescale_steps == 0 or self.alpha_mu == (0.0, 0.0)
+        adapt = bool(self.adapt_damping) and step % self.adapt_damping == 0 and loss is not None
+        if solve or adapt:
+            alpha, mu, model_decrease = self._quadratic_solve(named, inputs, direction, previous,
+                                                              raw)
+            if solve:
+                self.alpha_mu = (alpha, mu)
+        alpha, mu = self.alpha_mu
+        update = alpha * direction if previous is None else alpha * direction + mu * previous
+        if adapt:
+            if solve:
+                decrease = model_decrease
+            else:  # the quadratic model of the step actually taken
+                decrease = self._model_value(named, inputs, update, raw)
+            self._adapt_damping(named, inputs, targets, update, loss, decrease)
+        self.previous_update = update
+        lr = float(value_at(self.lr, step))
+        offset = 0
+        for p in params:  # the wrapped SGD applies -lr * grad = update
+            count = p.numel()
+            p.grad.copy_(update[offset:offset + count].view_as(p), non_blocking=True)
+            p.grad.mul_(-1.0 / lr)
+            offset += count
+
+    def _jvps(self, named, inputs: Tensor, vectors: list[Tensor]) -> tuple[Tensor, list[Tensor]]:
+        """The model's output on `inputs` and its directional derivatives along each flat
+        parameter vector (forward mode; K-FAC's hooks are off)."""
+        import torch.autograd.forward_ad as fwad
+        from torch.func import functional_call
+
+        sizes = [p.numel() for _, p in named]
+        self._hooks_enabled = False
+        try:
+            tangents_out = []
+            output = None
+            for vector in vectors:
+                with fwad.dual_level():
+                    pieces = torch.split(vector, sizes)
+                    duals = {name: fwad.make_dual(p.detach(), piece.view_as(p))
+                             for (name, p), piece in zip(named, pieces, strict=True)}
+                    dual_output = functional_call(self.model, duals, (inputs,), strict=False)
+                    primal, tangent = fwad.unpack_dual(dual_output)
+                    output = primal
+                    tangents_out.append(tangent)
+        finally:
+            self._hooks_enabled = True
+        return output, tangents_out
+
+    def _quadratic_solve(self, named, inputs, direction, previous, raw):
+        """(alpha, mu) minimizing M(alpha Delta + mu delta_prev) = g^T d + d^T (F + lambda) d / 2
+        with F the batch's exact Gauss-Newton matrix; and M at the minimum (< 0)."""
+        lam = self.current_damping
+        vectors = [direction] if previous is None else [direction, previous]
+        output, jv = self._jvps(named, inputs, vectors)
+        form = [[0.0] * len(vectors) for _ in vectors]
+        terms = []
+        for i in range(len(vectors)):
+            for j in range(i, len(vectors)):
+                terms.append(_gauss_newton_form(self.loss, output, jv[i], jv[j]))
+        local = torch.stack(terms).to(torch.float64)
+        self.communicator.all_reduce_mean([local])
+        k = 0
+        for i in range(len(vectors)):
+            for j in range(i, len(vectors)):
+                value = float(local[k]) + lam * float(torch.vdot(vectors[i], vectors[j]))
+                form[i][j] = form[j][i] = value
+                k += 1
+        linear = [float(torch.vdot(raw, v)) for v in vectors]
+        matrix = torch.tensor(form, dtype=torch.float64)
+        rhs = torch.tensor(linear, dtype=torch.float64)
+        if len(vectors) == 2 and float(torch.linalg.det(matrix)) > 1e-12 * float(
+                matrix.diagonal().prod()):
+            solution = -torch.linalg.solve(matrix, rhs)
+        else:
+            solution = torch.tensor([-linear[0] / max(form[0][0], 1e-30), 0.0],
+                                    dtype=torch.float64)
+            if len(vectors) == 1:
+                solution = solution[:1]
+        alpha = float(solution[0])
+        mu = float(solution[1]) if len(vectors) == 2 else 0.0
+        return alpha, mu, 0.5 * float(solution @ rhs)
+
+    def _model_value(self, named, inputs, update, raw) -> float:
+        output, (jv,) = self._jvps(named, inputs, [update])
+        local = _gauss_newton_form(self.loss, output, jv, jv).to(torch.float64).reshape(1)
+        self.communicator.all_reduce_mean([local])
+        curvature = float(local[0]) + self.current_damping * float(torch.vdot(update, update))
+        return float(torch.vdot(raw, update)) + 0.5 * curvature
+
+    def _adapt_damping(self, named, inputs, targets, update, loss, decrease) -> None:
+        """Levenberg-Marquardt: rho = actual / predicted reduction of this step."""
+        from torch.func import functional_call
+
+        sizes = [p.numel() for _, p in named]
+        moved = {name: p.detach() + piece.view_as(p)
+                 for (name, p), piece in zip(named, torch.split(update, sizes), strict=True)}
+        self._hooks_enabled = False
+        try:
+            output = functional_call(self.model, moved, (inputs,), strict=False)
+        finally:
+            self._hooks_enabled = True
+        after = _loss_value(self.loss, output, targets).to(torch.float64).reshape(1)
+        self.communicator.all_reduce_mean([after])
+        if decrease >= 0:
+            rho = -math.inf
+        else:
+            rho = (float(after[0]) - loss) / decrease
+        self.last_rho = rho
+        omega = (19.0 / 20.0) ** self.adapt_damping
+        if rho > 0.75:
+            self.lm_damping *= omega
+        elif rho < 0.25:
+            self.lm_damping /= omega
+        self.lm_damping = min(max(self.lm_damping, 1e-8), 1e4)
+
     # ---- checkpoints: a flat dict of tensors (safetensors-ready, no pickle)
     def state_dict(self) -> dict[str, Tensor]:
-        state = {"steps": torch.tensor(self.steps, dtype=torch.int64)}
+        state = {"steps": torch.tensor(self.steps, dtype=torch.int64),
+                 "factor_updates": torch.tensor(self.factor_updates, dtype=torch.int64),
+                 "lm_damping": torch.tensor(self.lm_damping, dtype=torch.float64),
+                 "alpha_mu": torch.tensor(self.alpha_mu, dtype=torch.float64),
+                 "inverse_damping": torch.tensor(
+                     math.nan if self._inverse_damping is None else self._inverse_damping,
+                     dtype=torch.float64),
+                 "generator": self.generator.get_state()}
+        if self.previous_update is not None:
+            state["previous_update"] = self.previous_update.detach().clone()
         for name, block in self.blocks.items():
             for key, tensor in block.state_tensors().items():
                 state[f"{name}/{key}"] = tensor.detach().contiguous().clone()
@@ -598,8 +946,10 @@ class KFACPreconditioner:
 
     def load_state_dict(self, state: dict[str, Tensor]) -> None:
         per_block: dict[str, dict[str, Tensor]] = {name: {} for name in self.blocks}
+        scalars = {"steps", "factor_updates", "lm_damping", "alpha_mu", "generator",
+                   "previous_update", "inverse_damping"}
         for key, tensor in state.items():
-            if key == "steps":
+            if key in scalars:
                 continue
             name, _, entry = key.rpartition("/")
             if name not in per_block:
@@ -610,6 +960,18 @@ class KFACPreconditioner:
         for name, entries in per_block.items():
             self.blocks[name].load_state_tensors(entries)
         self.steps = int(state["steps"])
+        # older checkpoints: every factor-update step so far counted
+        self.factor_updates = int(state.get("factor_updates", torch.tensor(self.steps)))
+        if "lm_damping" in state:
+            self.lm_damping = float(state["lm_damping"])
+        if "alpha_mu" in state:
+            self.alpha_mu = tuple(float(v) for v in state["alpha_mu"].tolist())
+        if "generator" in state:
+            self.generator.set_state(state["generator"].to(torch.uint8).cpu())
+        self.previous_update = (state["previous_update"].detach().clone()
+                                if "previous_update" in state else None)
+        inverse_damping = float(state.get("inverse_damping", torch.tensor(math.nan)))
+        self._inverse_damping = None if math.isnan(inverse_damping) else inverse_damping
 
 
 def _checked_schedule(name: str, value, *, lower: float | None = None, upper: float | None = None,
@@ -639,6 +1001,8 @@ __all__ = [
     "CurvatureBlock",
     "Communicator",
     "ComputeMethod",
+    "FisherType",
+    "LOSS_KINDS",
     "Conv2dBlock",
     "CostBalancedAssignment",
     "IntSchedule",
@@ -649,5 +1013,6 @@ __all__ = [
     "TorchDistributedCommunicator",
     "WorkAssignment",
     "make_block",
+    "sampled_loss",
     "value_at",
 ]
