@@ -102,7 +102,7 @@ class CallbackJobs:
             checkpoint, request_id = None, 1
         job_id = live.job.job_id
         self._attached.add(job_id)
-        backlog = list(live.events)  # the caller sees the job's whole log, then live events
+        backlog = self._jobs.stored_events(live)  # the caller sees the whole log, then new events
         queue = self._jobs.watch_live(live)
         for event in backlog:
             queue.put_nowait(event)

@@ -71,6 +71,11 @@ def _serve_parser() -> argparse.ArgumentParser:
                         "(anyone who reaches the port can run jobs)")
     parser.add_argument("--grace", type=float, default=5.0,
                         help="seconds in-flight RPCs get on shutdown")
+    parser.add_argument("--checkpoint-interval-s", type=float, default=1.0,
+                        help="seconds of solving between checkpoints a lost worker or a "
+                        "restarted gateway resumes from (0: never)")
+    parser.add_argument("--max-worker-restarts", type=int, default=3,
+                        help="how often a job may lose its worker and resume")
     parser.add_argument("--callback-lease-s", type=float, default=300.0,
                         help="how long a callback job waits for its caller to reconnect")
     parser.add_argument("--callback-eval-deadline-s", type=float, default=600.0,
@@ -110,6 +115,8 @@ def serve(argv: list[str]) -> int:
         tls_client_ca=args.tls_client_ca,
         max_concurrent_rpcs=args.max_concurrent_rpcs or None,
         grace_s=args.grace,
+        checkpoint_interval_s=args.checkpoint_interval_s,
+        max_worker_restarts=args.max_worker_restarts,
         callbacks=CallbackSettings(
             lease_s=args.callback_lease_s,
             evaluation_deadline_s=args.callback_eval_deadline_s,

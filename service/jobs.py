@@ -3,22 +3,30 @@
 `JobManager` owns every live job of this gateway. A job is committed to the store (with its
 `accepted` event, seq 1) before its id is returned. Its task then leases a warm worker from the
 Scheduler (the wait is the queue), streams the worker's events through Ray's streaming
-generator (the one channel), numbers them, appends them to the job's in-memory log, hands them
-to every watcher, and queues them for the store. Iterate events reach the store in batched
-transactions (every `flush_interval_s`), so hundreds of concurrent solves cost a few commits a
-second; a job's final event is committed before any watcher sees it, so a client that got the
-result can always read it back.
+generator (the one channel), numbers them, appends them to the job's in-memory log and queues
+them for the store. Events reach the store in batched transactions (every `flush_interval_s`),
+so hundreds of concurrent solves cost a few commits a second, and watchers get each event only
+once it is stored: a gateway that dies and comes back never shows a watcher a sequence number
+twice or skips one. A job's final event is flushed at once.
 
-Watch replays the in-memory log of a live job (complete from seq 1), or the store's events of
-a finished one, then follows live. Cancel asks the worker to stop (the solver checks before
-every evaluation) and, should the worker not answer within `cancel_grace_s`, ends the job
-itself with the last iterate it saw and replaces the worker process.
+Durability (rescheduling from checkpoints, not detached actors: the embedded Ray dies with its
+gateway, and a solve is cheap to restart from its state): a running solve sends its solver
+state every `checkpoint_interval_s`; it is stored with the events. When the worker process
+dies the job goes back to the queue and resumes from that checkpoint on another worker; when
+the gateway itself was killed, the next one finds the unfinished solves in the store and
+resumes them the same way. Resumed solves give the iterates of an uninterrupted run.
+
+Watch replays the stored log of a job (from memory while it is live, from the store after),
+then follows it. Cancel asks the worker to stop (the solver checks before every evaluation)
+and, should the worker not answer within `cancel_grace_s`, ends the job itself with the last
+iterate it saw and replaces the worker process.
 """
 
 from __future__ import annotations
 
 import asyncio
 import contextlib
+import dataclasses
 import logging
 import time
 import uuid
@@ -32,10 +40,10 @@ from secant.v1 import optimizer_pb2 as pb
 from service.auth import Caller, visible
 from service.errors import JobNotFound, LimitExceeded
 from service.metrics import Metrics
-from service.scheduler import Scheduler
+from service.scheduler import Scheduler, WorkerLost
 from service.store import TERMINAL_STATES, JobPage, JobStore, NewJob
-from service.validation import Limits, SolveSpec
-from workers.runner import FailureEvent, IterateEvent, ResultEvent
+from service.validation import Limits, SolveSpec, validate_problem
+from workers.runner import CheckpointEvent, FailureEvent, IterateEvent, ResultEvent
 
 log = logging.getLogger("secant.jobs")
 
@@ -86,6 +94,13 @@ class _LiveJob:
     last_x: pb.Tensor | None = None
     # Callback jobs: what to do on CancelJob (the solver runs in the gateway, not on Ray).
     on_cancel: Callable[[], None] | None = None
+    # Durability: the newest solver checkpoint the worker sent, and how often the job's
+    # worker was lost and the job resumed from it.
+    checkpoint: bytes | None = None
+    restarts: int = 0
+    # Watchers only ever see events already in the store (events[:flushed_seq]), so a
+    # gateway that dies and comes back never shows them a sequence number twice.
+    flushed_seq: int = 0
 
 
 class JobManager:
@@ -99,7 +114,12 @@ class JobManager:
         trusted: bool = False,
         flush_interval_s: float = 0.02,
         cancel_grace_s: float = 1.5,
+        checkpoint_interval_s: float = 1.0,
+        max_worker_restarts: int = 3,
     ) -> None:
+        self._checkpoint_interval_s = checkpoint_interval_s
+        self._max_worker_restarts = max_worker_restarts
+        self._pending_checkpoints: dict[str, bytes] = {}
         self._store = store
         self._scheduler = scheduler
         self._metrics = metrics
@@ -127,20 +147,61 @@ class JobManager:
     # -- lifecycle of the manager ----------------------------------------------------------
 
     async def start(self) -> int:
-        """Settles jobs a previous gateway left unfinished; returns how many."""
-        settled = await self._in_db(self._fail_unfinished)
+        """Takes over the jobs a previous gateway left unfinished: solves are rescheduled from
+        their last checkpoint (or from x0); callback and training jobs, whose other half died
+        with that gateway, end FAILED. Returns how many jobs it settled or resumed."""
+        unfinished = await self._in_db(self._store.unfinished_jobs)
+        resumable = [job for job in unfinished if job.kind in ("", "solve")]
+        settled = await self._in_db(
+            self._fail_jobs, [job for job in unfinished if job not in resumable]
+        )
+        for job in resumable:
+            await self._resume_after_restart(job)
         self._flusher = asyncio.create_task(self._flush_periodically(), name="secant-flusher")
-        return settled
+        return settled + len(resumable)
 
-    def _fail_unfinished(self) -> int:
-        # Durable rescheduling is a later issue: for now a job that was queued or running when
-        # its gateway died ends FAILED, with the reason and its events kept.
+    async def _resume_after_restart(self, job: pb.Job) -> None:
+        problem_bytes, events, checkpoint = await self._in_db(
+            lambda: (self._store.get_problem(job.job_id), self._store.events(job.job_id),
+                     self._store.checkpoint(job.job_id))
+        )
+        try:
+            problem = pb.Problem.FromString(problem_bytes or b"")
+            spec = validate_problem(problem, self._limits, trusted=self._trusted)
+        except Exception as exc:  # a problem this gateway no longer accepts
+            await self._in_db(
+                self._fail_jobs, [job], f"the gateway restarted and could not resume it: {exc}"
+            )
+            return
+        # The stored log is complete up to the last flush; the record's last_seq says the same.
+        job.last_seq = events[-1].seq if events else 0
+        live = _LiveJob(job, spec, time.monotonic(), list(events), checkpoint=checkpoint,
+                        flushed_seq=job.last_seq)
+        if live.events:
+            for event in reversed(live.events):
+                if event.HasField("iterate"):
+                    live.last_iterate = event.iterate
+                    break
+        self._usage.setdefault(job.owner, [0, 0])
+        self._usage[job.owner][0] += 1
+        self._usage[job.owner][1] += spec.n
+        self._live[job.job_id] = live
+        job.state = pb.QUEUED
+        nit = live.last_iterate.iteration if live.last_iterate is not None else 0
+        reason = (f"the gateway restarted; resuming from iteration {nit}" if checkpoint
+                  else "the gateway restarted; starting again from x0")
+        self._emit(live, state_change=pb.StateChange(state=pb.QUEUED, reason=reason))
+        live.task = asyncio.create_task(self._run(live), name=f"job-{job.job_id}")
+        log.warning("job resumed after a gateway restart", extra={"job_id": job.job_id})
+
+    def _fail_jobs(self, jobs_to_fail: list[pb.Job], why: str = "") -> int:
         jobs, events = [], []
-        for job in self._store.unfinished_jobs():
+        for job in jobs_to_fail:
             was = pb.JobState.Name(job.state).lower()
             failure = pb.Failure(
                 code="UNAVAILABLE",
-                message=f"gateway restarted while the job was {was}; submit it again",
+                message=why or f"gateway restarted while the {job.kind or 'solve'} job was"
+                f" {was}; its caller's side did not survive: submit it again",
             )
             job.state = pb.FAILED
             job.failure.CopyFrom(failure)
@@ -276,7 +337,8 @@ class JobManager:
                 new_jobs.append(
                     NewJob(job, problem.SerializeToString(), idempotency_key, [accepted])
                 )
-                lives.append(_LiveJob(job, spec, time.monotonic(), [accepted]))
+                # The accepted event is stored with the job (seq 1).
+                lives.append(_LiveJob(job, spec, time.monotonic(), [accepted], flushed_seq=1))
             stored = await self._in_db(self._store.create_jobs, new_jobs)
         except BaseException:
             self._release_quota(owner, len(unreleased), sum(unreleased.values()))
@@ -308,18 +370,23 @@ class JobManager:
     async def _run(self, live: _LiveJob) -> None:
         job_id = live.job.job_id
         try:
-            async with self._scheduler.lease(live.spec.device) as worker:
-                live.worker = worker
-                live.job.state = pb.RUNNING
-                _now(live.job.started)
-                self._emit(live, state_change=pb.StateChange(state=pb.RUNNING))
-                log.info("job running", extra={"job_id": job_id})
-                run_spec = live.spec.run_spec(job_id, trusted=self._trusted)
-                async for batch in self._scheduler.stream(worker, run_spec):
-                    for event in batch:
-                        await self._on_worker_event(live, event)
-                    if live.job.state in TERMINAL_STATES:
-                        break
+            while True:
+                try:
+                    await self._run_once(live)
+                    break
+                except WorkerLost as lost:
+                    if live.cancel_requested or live.restarts >= self._max_worker_restarts:
+                        raise
+                    live.restarts += 1
+                    nit = live.last_iterate.iteration if live.last_iterate is not None else 0
+                    log.warning("worker lost; rescheduling", extra={
+                        "job_id": job_id, "restart": live.restarts, "reason": str(lost)})
+                    self._emit(live, state_change=pb.StateChange(
+                        state=pb.QUEUED,
+                        reason=f"{lost}; resuming from iteration {nit}" if live.checkpoint
+                        else f"{lost}; starting again from x0",
+                    ))
+                    live.job.state = pb.QUEUED
             if live.job.state not in TERMINAL_STATES:
                 await self._finish_failed(live, "INTERNAL", "the worker ended without a result")
         except asyncio.CancelledError:
@@ -332,6 +399,12 @@ class JobManager:
                     live, "UNAVAILABLE", "the gateway shut down while the job was "
                     + pb.JobState.Name(live.job.state).lower()
                 )
+        except WorkerLost as lost:
+            if live.job.state not in TERMINAL_STATES:
+                await self._finish_failed(
+                    live, "UNAVAILABLE",
+                    f"{lost}; gave up after {live.restarts} restarts from its checkpoint",
+                )
         except Exception:
             log.exception("job failed in the gateway", extra={"job_id": job_id})
             if live.job.state not in TERMINAL_STATES:
@@ -339,8 +412,39 @@ class JobManager:
         finally:
             live.worker = None
 
+    async def _run_once(self, live: _LiveJob) -> None:
+        """One attempt on one worker; WorkerLost when that worker dies under it."""
+        job_id = live.job.job_id
+        async with self._scheduler.lease(live.spec.device) as worker:
+            live.worker = worker
+            live.job.state = pb.RUNNING
+            if not live.job.HasField("started"):
+                _now(live.job.started)
+            self._emit(live, state_change=pb.StateChange(state=pb.RUNNING))
+            log.info("job running", extra={"job_id": job_id})
+            run_spec = dataclasses.replace(
+                live.spec.run_spec(job_id, trusted=self._trusted),
+                checkpoint=live.checkpoint,
+                checkpoint_interval_s=self._checkpoint_interval_s,
+            )
+            try:
+                async for batch in self._scheduler.stream(worker, run_spec):
+                    for event in batch:
+                        await self._on_worker_event(live, event)
+                    if live.job.state in TERMINAL_STATES:
+                        break
+            finally:
+                live.worker = None
+
     async def _on_worker_event(self, live: _LiveJob, event) -> None:
+        if isinstance(event, CheckpointEvent):
+            live.checkpoint = event.state
+            self._pending_checkpoints[live.job.job_id] = event.state
+            return
         if isinstance(event, IterateEvent):
+            last = live.last_iterate
+            if last is not None and event.iteration <= last.iteration:
+                return  # replayed after a resume from an older checkpoint: already reported
             iterate = pb.Iterate(
                 iteration=event.iteration,
                 f=event.f,
@@ -379,16 +483,14 @@ class JobManager:
         elif isinstance(event, FailureEvent):
             await self._finish_failed(live, event.code, event.message)
 
-    def _emit(self, live: _LiveJob, *, fan_out: bool = True, **kind) -> pb.JobEvent:
+    def _emit(self, live: _LiveJob, **kind) -> pb.JobEvent:
+        """Numbers an event and queues it for the store; watchers get it once it is stored."""
         live.job.last_seq += 1
         event = pb.JobEvent(job_id=live.job.job_id, seq=live.job.last_seq, **kind)
         _now(event.time)
         live.events.append(event)
         self._pending_events.append(event)
         self._dirty[live.job.job_id] = live
-        if fan_out:
-            for queue in live.watchers:
-                queue.put_nowait(event)
         return event
 
     async def _finish(
@@ -410,20 +512,19 @@ class JobManager:
         if result is not None:
             result.wall_time_s = wall
             job.result.CopyFrom(result)
-            final = self._emit(live, fan_out=False, result=result)
+            self._emit(live, result=result)
         elif failure is not None:
             job.failure.CopyFrom(failure)
-            final = self._emit(live, fan_out=False, failure=failure)
+            self._emit(live, failure=failure)
         elif train_result is not None:
             train_result.wall_time_s = wall
             job.train_result.CopyFrom(train_result)
-            final = self._emit(live, fan_out=False, train_result=train_result)
+            self._emit(live, train_result=train_result)
         else:
-            final = self._emit(live, fan_out=False, state_change=state_change)
+            self._emit(live, state_change=state_change)
         # Durable before anyone hears of it: a client that saw the end can read it back.
         await self._flush()
         for queue in live.watchers:
-            queue.put_nowait(final)
             queue.put_nowait(None)
         if self._live.pop(job.job_id, None) is not None:
             self._release_quota(job.owner, 1, live.spec.n)
@@ -482,13 +583,24 @@ class JobManager:
     # -- the store -------------------------------------------------------------------------
 
     async def _flush(self) -> None:
+        """Writes queued events, job records and checkpoints in one transaction, then hands
+        the stored events to watchers."""
         async with self._flush_lock:
-            if not self._pending_events and not self._dirty:
+            if not self._pending_events and not self._dirty and not self._pending_checkpoints:
                 return
             events, self._pending_events = self._pending_events, []
-            jobs = [_copy(live.job) for live in self._dirty.values()]
+            checkpoints, self._pending_checkpoints = self._pending_checkpoints, {}
+            lives = list(self._dirty.values())
+            jobs = [_copy(live.job) for live in lives]
             self._dirty = {}
-            await self._in_db(self._store.write, jobs, events)
+            await self._in_db(self._store.write, jobs, events, checkpoints)
+            for event in events:
+                live = self._live.get(event.job_id)
+                if live is None:
+                    continue
+                live.flushed_seq = event.seq
+                for queue in live.watchers:
+                    queue.put_nowait(event)
 
     async def _flush_periodically(self) -> None:
         while True:
@@ -543,7 +655,7 @@ class JobManager:
                 yield event
             return
         queue: asyncio.Queue = asyncio.Queue()
-        backlog = live.events[after_seq:]  # seq k sits at index k - 1
+        backlog = live.events[after_seq : live.flushed_seq]  # seq k sits at index k - 1
         live.watchers.add(queue)
         last_seq = after_seq
         try:
@@ -638,6 +750,11 @@ class JobManager:
     async def record(self, live: _LiveJob, event: IterateEvent | ResultEvent | FailureEvent):
         """An iterate, result or failure of a job whose solver runs outside Ray."""
         await self._on_worker_event(live, event)
+
+    @staticmethod
+    def stored_events(live: _LiveJob) -> list[pb.JobEvent]:
+        """The job's events that are in the store (what a new watcher replays)."""
+        return live.events[: live.flushed_seq]
 
     def watch_live(self, live: _LiveJob) -> asyncio.Queue:
         """A queue receiving the job's new events (None after the last); unwatch() it."""

@@ -197,6 +197,10 @@ class _Worker:
     pooled: bool  # False: a one-job actor (CUDA), killed when the job ends
 
 
+class WorkerLost(RuntimeError):
+    """The worker process running a job died (killed, OOM, node lost); the job can resume."""
+
+
 class NoCapacity(ValueError):
     """The cluster cannot ever run this job (e.g. CUDA asked of a cluster without GPUs)."""
 
@@ -269,7 +273,7 @@ class Scheduler:
         healthy = True
         try:
             yield worker
-        except (ray.exceptions.RayActorError, asyncio.CancelledError):
+        except (ray.exceptions.RayActorError, WorkerLost, asyncio.CancelledError):
             # The process died, or we walked away from a solve it may still be running
             # (a cancel it did not honour in time): either way it must not take another job.
             healthy = False
@@ -282,6 +286,10 @@ class Scheduler:
                 self._idle.put_nowait(worker)
             else:
                 self._replace(worker)
+
+    async def worker_pid(self, worker: _Worker) -> int:
+        """The OS process of a worker (fault-injection tests kill it)."""
+        return await worker.actor.pid.remote()
 
     def _replace(self, worker: _Worker) -> None:
         with contextlib.suppress(Exception):
@@ -300,6 +308,10 @@ class Scheduler:
         try:
             async for ref in generator:
                 yield await ref
+        except (ray.exceptions.RayActorError, ray.exceptions.WorkerCrashedError,
+                ray.exceptions.ObjectLostError) as exc:
+            raise WorkerLost(f"the worker running job {spec.job_id} died: "
+                             f"{type(exc).__name__}") from exc
         except ray.exceptions.RayTaskError as exc:
             log.error("job %s: worker task failed: %s", spec.job_id, exc)
             yield [FailureEvent("INTERNAL", "the solver worker failed")]

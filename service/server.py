@@ -64,6 +64,10 @@ class GatewayConfig:
     # How long a cancelled job's worker gets to stop before the gateway ends the job itself
     # (with the last iterate it saw) and replaces the worker process.
     cancel_grace_s: float = 1.5
+    # Durability: how often a running solve sends its state back (seconds of solving), and
+    # how often a job may lose its worker and resume from that checkpoint.
+    checkpoint_interval_s: float = 1.0
+    max_worker_restarts: int = 3
     limits: Limits = field(default_factory=Limits)
     callbacks: CallbackSettings = field(default_factory=CallbackSettings)
 
@@ -158,6 +162,8 @@ class Gateway:
         self.jobs = JobManager(
             self._store, self._scheduler, self.metrics, config.limits,
             trusted=config.trust_code, cancel_grace_s=config.cancel_grace_s,
+            checkpoint_interval_s=config.checkpoint_interval_s,
+            max_worker_restarts=config.max_worker_restarts,
         )
         settled = await self.jobs.start()
         if settled:

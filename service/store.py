@@ -14,7 +14,7 @@ from __future__ import annotations
 import abc
 import sqlite3
 import threading
-from collections.abc import Iterable, Sequence
+from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -69,9 +69,19 @@ class JobStore(abc.ABC):
         owner; a string (even "") only that owner's jobs."""
 
     @abc.abstractmethod
-    def write(self, jobs: Iterable[pb.Job], events: Iterable[pb.JobEvent]) -> None:
-        """Replaces job records and appends events in one transaction (the batched write path:
-        many jobs' iterate events cost one commit)."""
+    def write(
+        self,
+        jobs: Iterable[pb.Job],
+        events: Iterable[pb.JobEvent],
+        checkpoints: Mapping[str, bytes] | None = None,
+    ) -> None:
+        """Replaces job records, appends events and replaces jobs' solver checkpoints in one
+        transaction (the batched write path: many jobs' iterate events cost one commit). A job
+        written in a terminal state loses its checkpoint."""
+
+    @abc.abstractmethod
+    def checkpoint(self, job_id: str) -> bytes | None:
+        """The job's latest solver checkpoint (safetensors bytes), if any."""
 
     @abc.abstractmethod
     def events(self, job_id: str, after_seq: int = 0) -> list[pb.JobEvent]:
@@ -117,6 +127,7 @@ class InMemoryJobStore(JobStore):
         self._problems: dict[str, bytes] = {}
         self._keys: dict[str, str] = {}
         self._events: dict[str, list[pb.JobEvent]] = {}
+        self._checkpoints: dict[str, bytes] = {}
         self._next_ordinal = 1
 
     def create_jobs(self, new_jobs: Sequence[NewJob]) -> list[pb.Job]:
@@ -168,7 +179,7 @@ class InMemoryJobStore(JobStore):
             token = _page_token(self._ordinal[page[-1]]) if len(matches) > size else ""
             return JobPage([_copy(self._jobs[j]) for j in page], token)
 
-    def write(self, jobs, events):
+    def write(self, jobs, events, checkpoints=None):
         jobs, events = list(jobs), list(events)
         with self._lock:
             # Check everything before changing anything, so a bad write changes nothing.
@@ -188,6 +199,14 @@ class InMemoryJobStore(JobStore):
                 self._jobs[job.job_id] = _copy(job)
             for event in events:
                 self._events[event.job_id].append(_copy(event))
+            self._checkpoints.update(checkpoints or {})
+            for job in jobs:
+                if job.state in TERMINAL_STATES:
+                    self._checkpoints.pop(job.job_id, None)
+
+    def checkpoint(self, job_id):
+        with self._lock:
+            return self._checkpoints.get(job_id)
 
     def events(self, job_id, after_seq=0):
         with self._lock:
@@ -218,6 +237,10 @@ CREATE TABLE IF NOT EXISTS jobs (
 );
 CREATE INDEX IF NOT EXISTS jobs_state ON jobs (state, ordinal);
 CREATE INDEX IF NOT EXISTS jobs_batch ON jobs (batch_id, ordinal);
+CREATE TABLE IF NOT EXISTS checkpoints (
+    job_id TEXT PRIMARY KEY,
+    state BLOB NOT NULL
+) WITHOUT ROWID;
 CREATE TABLE IF NOT EXISTS events (
     job_id TEXT NOT NULL,
     seq INTEGER NOT NULL,
@@ -328,9 +351,9 @@ class SQLiteJobStore(JobStore):
         token = _page_token(page[-1][0]) if len(rows) > size else ""
         return JobPage([pb.Job.FromString(r[1]) for r in page], token)
 
-    def write(self, jobs, events):
+    def write(self, jobs, events, checkpoints=None):
         jobs, events = list(jobs), list(events)
-        if not jobs and not events:
+        if not jobs and not events and not checkpoints:
             return
         with self._lock, _transaction(self._db):
             for job in jobs:
@@ -341,6 +364,21 @@ class SQLiteJobStore(JobStore):
                 if cursor.rowcount == 0:
                     raise KeyError(job.job_id)
             self._insert_events(events)
+            if checkpoints:
+                self._db.executemany(
+                    "INSERT OR REPLACE INTO checkpoints (job_id, state) VALUES (?, ?)",
+                    list(checkpoints.items()),
+                )
+            finished = [(job.job_id,) for job in jobs if job.state in TERMINAL_STATES]
+            if finished:
+                self._db.executemany("DELETE FROM checkpoints WHERE job_id = ?", finished)
+
+    def checkpoint(self, job_id):
+        with self._lock:
+            row = self._db.execute(
+                "SELECT state FROM checkpoints WHERE job_id = ?", (job_id,)
+            ).fetchone()
+        return bytes(row[0]) if row else None
 
     def _insert_events(self, events):
         try:

@@ -29,7 +29,14 @@ from workers.objectives import (
     UntrustedCodeError,
     build_objective,
 )
-from workers.solvers import IterateInfo, least_squares, minimize
+from workers.solvers import (
+    IterateInfo,
+    SolveState,
+    least_squares,
+    minimize,
+    state_from_bytes,
+    state_to_bytes,
+)
 
 log = logging.getLogger("secant.worker")
 
@@ -54,6 +61,10 @@ class RunSpec:
     device: str = "cpu"
     report_x_every: int = 0
     trusted: bool = False
+    # Durability: the solver state to resume from (safetensors bytes of a SolveState), and
+    # how often to send one back (seconds of solving between checkpoints; 0: never).
+    checkpoint: bytes | None = None
+    checkpoint_interval_s: float = 0.0
 
 
 @dataclass(frozen=True)
@@ -89,7 +100,15 @@ class FailureEvent:
     message: str
 
 
-WorkerEvent = IterateEvent | ResultEvent | FailureEvent
+@dataclass(frozen=True)
+class CheckpointEvent:
+    """The solver state at the end of iteration `nit` (safetensors bytes, no pickle)."""
+
+    nit: int
+    state: bytes
+
+
+WorkerEvent = IterateEvent | ResultEvent | FailureEvent | CheckpointEvent
 
 _TORCH_DTYPES = {"float64": torch.float64, "float32": torch.float32}
 
@@ -173,6 +192,22 @@ def run_solve(
         return
 
     every = spec.report_x_every
+    initial_state = None
+    if spec.checkpoint:
+        try:
+            initial_state = state_from_bytes(spec.checkpoint, device=device)
+        except ValueError as exc:
+            emit(FailureEvent("INTERNAL", f"the job's checkpoint is unreadable: {exc}"))
+            return
+    last_checkpoint = [time.monotonic()]
+
+    def on_iteration(state: SolveState) -> None:
+        # Time-based: a checkpoint costs a copy of the state (2mn numbers for L-BFGS).
+        interval = spec.checkpoint_interval_s
+        now = time.monotonic()
+        if interval > 0 and now - last_checkpoint[0] >= interval:
+            last_checkpoint[0] = now
+            emit(CheckpointEvent(state.nit, state_to_bytes(state)))
 
     def on_iterate(info: IterateInfo) -> bool:
         x = _to_numpy(info.x) if every > 0 and info.nit % every == 0 else None
@@ -195,12 +230,14 @@ def run_solve(
         if spec.method in LEAST_SQUARES_METHODS:
             result = least_squares(
                 objective.residual, x0, method=spec.method, options=spec.options,
-                callback=on_iterate, should_stop=should_stop,
+                callback=on_iterate, should_stop=should_stop, initial_state=initial_state,
+                on_iteration=on_iteration,
             )
         else:
             result = minimize(
                 objective.fun, x0, method=spec.method, bounds=bounds, options=spec.options,
-                callback=on_iterate, should_stop=should_stop,
+                callback=on_iterate, should_stop=should_stop, initial_state=initial_state,
+                on_iteration=on_iteration,
             )
     except ValueError as exc:  # options the solver refused (check_problem ran at the gateway)
         emit(FailureEvent("INVALID_ARGUMENT", str(exc)))
@@ -263,6 +300,11 @@ class SolverWorker:
 
     def ping(self) -> bool:
         return True
+
+    def pid(self) -> int:
+        import os
+
+        return os.getpid()
 
     def cancel(self, job_id: str) -> None:
         with self._stops_lock:
