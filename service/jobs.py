@@ -357,6 +357,7 @@ class JobManager:
             if kind == "solve":
                 live.task = asyncio.create_task(self._run(live), name=f"job-{job.job_id}")
             self._metrics.jobs_submitted.labels(live.spec.method).inc()
+            self._metrics.jobs.labels("queued", live.spec.method).inc()
             log.info(
                 "job queued",
                 extra={"job_id": job.job_id, "method": job.method, "n": job.n,
@@ -491,6 +492,14 @@ class JobManager:
         live.events.append(event)
         self._pending_events.append(event)
         self._dirty[live.job.job_id] = live
+        if "state_change" in kind:
+            entered = kind["state_change"].state
+        elif kind.keys() & {"result", "failure", "train_result"}:
+            entered = live.job.state
+        else:
+            entered = None
+        if entered is not None:
+            self._metrics.jobs.labels(pb.JobState.Name(entered).lower(), live.spec.method).inc()
         return event
 
     async def _finish(

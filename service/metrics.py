@@ -28,6 +28,10 @@ class Metrics:
         self.jobs_submitted = Counter(
             "secant_jobs_submitted", "Jobs accepted, by method", ["method"], registry=r
         )
+        self.jobs = Counter(
+            "secant_jobs", "Jobs entering each state (queued, running, waiting_for_client, "
+            "succeeded, failed, cancelled), by method", ["state", "method"], registry=r,
+        )
         self.jobs_finished = Counter(
             "secant_jobs_finished", "Jobs ended, by final state and method",
             ["state", "method"], registry=r,

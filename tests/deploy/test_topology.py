@@ -71,7 +71,7 @@ def test_solve_through_the_sdk_runs_on_the_cluster(stack, solved):
 def test_prometheus_scrapes_the_gateway(stack, solved):
     if "prometheus" not in stack.procs:
         pytest.skip("Debian's prometheus is not installed (deploy/check.sh installs it)")
-    query = 'sum(secant_jobs_submitted_total{job="secant-gateway"})'
+    query = 'sum(secant_jobs_total{job="secant-gateway", state="queued"})'
 
     def submitted() -> float:
         result = stack.promql(query)
