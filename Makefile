@@ -7,7 +7,7 @@ PORT ?= 50051
 METRICS_PORT ?= 9464
 DB ?= ./secant.db
 
-.PHONY: serve test deploy-check install protos lint bench clean
+.PHONY: serve test deploy-check fuzz install protos lint bench clean
 
 $(BIN)/python:
 	$(PYTHON) -m venv $(VENV)
@@ -35,6 +35,10 @@ protos: install
 
 lint: install
 	$(BIN)/ruff check .
+
+# A longer run of the suite's fuzzer against a gateway subprocess, watching its memory.
+fuzz: install
+	$(BIN)/python bench/fuzz.py --inputs 3000
 
 bench: install
 	OPENBLAS_NUM_THREADS=1 OMP_NUM_THREADS=1 MKL_NUM_THREADS=1 $(BIN)/python bench/solvers.py
