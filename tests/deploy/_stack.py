@@ -1,6 +1,12 @@
 """The docker-compose topology run as plain processes on 127.0.0.1: a Ray head (`ray start
---head`), a second Ray node (`ray start --address`), the gateway started with the exact command
-docker-compose.yml gives it, and optionally Debian's Prometheus with deploy/prometheus.yml.
+--head`), with SECANT_DEPLOY_TWO_NODES=1 a second Ray node (`ray start --address`), the gateway
+started with the exact command docker-compose.yml gives it, and optionally Debian's Prometheus
+with deploy/prometheus.yml.
+
+Why the second node is opt-in: Ray 2.60 keeps every socket on 127.0.0.1 only in single-node
+mode (RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER=0); a node that joins with `ray start --address` makes
+the GCS, raylets, agents and workers listen on every interface, which a shared machine must
+not do. In the containers each node has its own network namespace.
 
 Only addresses, ports, paths and CPU counts are substituted (container names -> 127.0.0.1, fixed
 ports -> free ports, /var/lib/secant -> a temp dir); every process runs in its own session so
@@ -35,6 +41,10 @@ PROMETHEUS_YML = ROOT / "deploy" / "prometheus.yml"
 BIN = Path(sys.executable).parent
 LOOPBACK = "127.0.0.1"
 SECRET_PATH = "/run/secrets/ray_auth_token"
+
+
+TWO_NODES = os.environ.get("SECANT_DEPLOY_TWO_NODES") == "1"
+NODES = 2 if TWO_NODES else 1
 
 
 def free_port() -> int:
@@ -212,6 +222,8 @@ class Stack:
         self._spawn("ray-head", self._ray_node_argv(services["ray-head"], head=True))
         wait_for(lambda: self._check_alive("ray-head") or port_open(self.gcs_port),
                  timeout, "Ray head GCS port")
+        if not TWO_NODES:
+            return
         self._spawn("ray-worker", self._ray_node_argv(services["ray-worker"], head=False),
                     env=self.join_env)
         probe = (
@@ -376,6 +388,8 @@ def make_stack() -> Stack:
     # embedded single-node head): with it `ray start --address` refuses to join ("Multi-node
     # Ray clusters are not supported"), and a joining node without it resolves the head's
     # 127.0.0.1 to the machine's external address. Loopback comes from --node-ip-address.
+    if not TWO_NODES:
+        env["RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER"] = "0"  # single node: loopback only
     join_env = dict(env)
     env["PYTHONPATH"] = str(ROOT)  # service.health_cli from this tree
     env.update(OPENBLAS_NUM_THREADS="1", OMP_NUM_THREADS="1", MKL_NUM_THREADS="1")
