@@ -3,8 +3,9 @@
 A training job is a job like any other (stored, numbered events, Watch, CancelJob, metrics);
 its work is `workers.training.distributed.run_training_job`, which forms a group of Ray actors
 (gloo on CPU, NCCL on GPU) and blocks until the job ends, so it runs on a thread here and its
-events hop back to the event loop. Step events become `metrics` job events; the trained
-weights are stored as the artifact "weights.safetensors" next to the job store.
+events hop back to the event loop. Step events become `metrics` job events (a scaled job's
+MemoryReport too, at step 0); the trained weights are stored as the artifact
+"weights.safetensors" next to the job store.
 """
 
 from __future__ import annotations
@@ -128,6 +129,7 @@ class TrainingJobs:
 
     async def _run(self, live) -> None:
         from workers.training.distributed import (
+            MemoryReport,
             StepEvent,
             TrainingJobError,
             WorkerLost,
@@ -152,6 +154,10 @@ class TrainingJobs:
                 self._jobs.record_metrics(live, event.step, values)
                 metrics.train_steps.labels(spec.method).inc()
                 metrics.train_step_time.labels(spec.method).observe(event.step_time_s)
+            elif isinstance(event, MemoryReport):
+                # per-worker bytes next to the ZeRO formula (mem_param_bytes_rank0, ...,
+                # mem_formula_bytes, effective_batch), as a step-0 metrics event per attempt
+                self._jobs.record_metrics(live, 0, event.as_metrics())
             elif isinstance(event, WorkerLost):
                 self._jobs.set_state(live, pb.RUNNING,
                                      f"a worker was lost ({event.reason}); resumed from step"

@@ -23,6 +23,7 @@ from workers.training.checkpoint import (
 from workers.training.datasets import load_dataset
 from workers.training.distributed import (
     CheckpointSaved,
+    MemoryReport,
     StepEvent,
     WorkerLost,
     WorkersStarted,
@@ -164,6 +165,81 @@ def test_should_stop_ends_the_job_promptly_with_its_current_weights(ray_cluster,
     load_weights(build_model(spec["model"]), outcome.weights)
 
 
+# ---------------------------------------------------------------- scaling plans (issue 8)
+
+SCALED_JOB = {"model": {"kind": "mlp", "sizes": [64, 32, 10]},
+              "optimizer": {"name": "adam", "lr": 1e-2}, "batch_size": 32, "steps": 8,
+              "seed": 1, "checkpoint_every": 3,
+              "scaling": {"accumulation_steps": 2, "lr_scaling": "linear",
+                          "base_batch_size": 16, "warmup": {"kind": "linear", "steps": 3}}}
+
+
+@pytest.mark.parametrize("stage", [1, 3])
+def test_zero_stage_job_follows_one_worker_training_and_reports_memory(ray_cluster, digits,
+                                                                       tmp_path, stage):
+    """2 workers x 2 micro-batches of 8 = the 1-worker run's global batch of 32; stage 1
+    also resumes from its (consolidated) checkpoint and replays the same losses."""
+    spec = {**SCALED_JOB, "scaling": {**SCALED_JOB["scaling"], "zero_stage": stage}}
+    events: list = []
+    outcome = run_training_job(spec, digits, workers=2, emit=events.append,
+                               checkpoint_dir=str(tmp_path), resume=False)
+
+    steps = _steps(events)
+    assert [e.loss for e in steps] == pytest.approx(_single_process_losses(spec, digits),
+                                                    rel=1e-4, abs=1e-5)
+    assert [e.lr for e in steps] == pytest.approx([0.01, 0.04 / 3, 0.05 / 3] + [0.02] * 5)
+    assert outcome.effective_batch == 32 and {e.effective_batch for e in steps} == {32}
+    [memory] = [e for e in events if isinstance(e, MemoryReport)]
+    assert (memory.zero_stage, memory.workers, memory.effective_batch) == (stage, 2, 32)
+    p = memory.parameter_count
+    assert memory.formula_bytes == {1: 8 * p + 8 * p // 2, 3: 16 * p // 2}[stage]
+    assert memory.grad_bytes == ((4 * p, 4 * p) if stage == 1 else (2 * p, 2 * p))
+    assert sum(memory.optimizer_bytes) == pytest.approx(8 * p, rel=0.01)  # Adam, sharded
+    metrics = memory.as_metrics()
+    assert metrics["mem_formula_bytes"] == memory.formula_bytes
+    assert {"mem_param_bytes_rank1", "mem_total_bytes_rank0"} <= set(metrics)
+    assert [e.step for e in events if isinstance(e, CheckpointSaved)] == [3, 6]
+    model = load_weights(build_model(spec["model"]), outcome.weights)
+    assert evaluate(model, "cross_entropy", torch.tensor(digits["X"]),
+                    torch.tensor(digits["y"]))["loss"] < 2.3
+
+    if stage == 1:
+        replay: list = []
+        run_training_job(spec, digits, workers=2, emit=replay.append,
+                         checkpoint_dir=str(tmp_path), resume=True)
+        assert [(e.step, e.loss) for e in _steps(replay)] == [
+            (e.step, pytest.approx(e.loss, rel=1e-6)) for e in steps[6:]]
+
+
+def test_killed_worker_at_zero_stage_2_resumes_from_its_checkpoint(ray_cluster, digits,
+                                                                   tmp_path):
+    spec = {"model": {"kind": "mlp", "sizes": [64, 64, 10]},
+            "optimizer": {"name": "adam", "lr": 3e-3}, "batch_size": 64, "steps": 200,
+            "seed": 3, "checkpoint_every": 5, "scaling": {"zero_stage": 2}}
+    events: list = []
+
+    def emit(event) -> None:
+        events.append(event)
+        if isinstance(event, CheckpointSaved) and event.step == 5 and len(
+                [e for e in events if isinstance(e, WorkersStarted)]) == 1:
+            first = next(e for e in events if isinstance(e, WorkersStarted))
+            os.kill(first.pids[1], signal.SIGKILL)  # rank 1 dies mid-job
+
+    outcome = run_training_job(spec, digits, workers=2, emit=emit,
+                               checkpoint_dir=str(tmp_path), resume=False)
+
+    [lost] = [e for e in events if isinstance(e, WorkerLost)]
+    assert outcome.restarts == 1 and lost.resume_step >= 5 and lost.resume_step % 5 == 0
+    before, after = _steps(events, attempt=0), _steps(events, attempt=1)
+    assert [e.step for e in after] == list(range(lost.resume_step + 1, 201))
+    assert outcome.steps == 200 and not outcome.stopped_early
+    replayed = {e.step: e.loss for e in before if e.step > lost.resume_step}
+    assert [e.loss for e in after[:len(replayed)]] == pytest.approx(list(replayed.values()),
+                                                                    rel=1e-6)
+    assert len([e for e in events if isinstance(e, MemoryReport)]) == 2  # one per attempt
+    assert outcome.metrics["val_accuracy"] > 0.8
+
+
 # ---------------------------------------------------------------- before anything starts
 
 
@@ -173,6 +249,10 @@ def test_should_stop_ends_the_job_promptly_with_its_current_weights(ray_cluster,
     ({**SMALL_JOB, "checkpoint_every": -1}, 1, "checkpoint_every"),
     ({**SMALL_JOB, "optimizer": {"name": "rmsprop"}}, 1, "optimizer.name"),
     (SMALL_JOB, 0, "workers"),
+    ({**SMALL_JOB, "scaling": {"zero_stage": 1}}, 2, "zero_stage must be 0 with optimizer kfac"),
+    ({**SMALL_JOB, "optimizer": "adam", "scaling": {"zero_stage": 5}}, 2, "scaling.zero_stage"),
+    ({**SMALL_JOB, "optimizer": "adam", "scaling": {"micro_batch_size": 8}}, 2, "must equal"),
+    ({**SMALL_JOB, "optimizer": "adam", "scaling": {"precision": "fp16"}}, 2, "CUDA"),
 ])
 def test_bad_job_is_a_value_error_before_any_worker_starts(digits, tmp_path, spec, workers,
                                                             message):

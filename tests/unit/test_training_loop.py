@@ -10,7 +10,14 @@ import torch
 
 from workers.solvers import minimize
 from workers.training.datasets import load_dataset
-from workers.training.loop import flat_objective, load_weights, loss_function, save_weights, train
+from workers.training.loop import (
+    TrainSpec,
+    flat_objective,
+    load_weights,
+    loss_function,
+    save_weights,
+    train,
+)
 from workers.training.models import build_model
 
 pytest.importorskip("sklearn")
@@ -139,3 +146,96 @@ def test_full_batch_lbfgs_reaches_scipy_lbfgsb_loss_on_the_flattened_problem():
     # the fitted loss, which is far below the noise floor's scale (the loss falls ~50x).
     assert reference.fun < 0.05 * float(objective(x0).detach())  # really fitted
     assert ours.fun <= reference.fun * 1.01 + 1e-10
+
+
+# ---------------------------------------------------------------- the scaling section (issue 8)
+
+SCALED = {"model": DIGITS_MLP, "optimizer": {"name": "adam", "lr": 1e-2}, "batch_size": 32,
+          "steps": 6, "seed": 1}
+
+
+@pytest.mark.parametrize(("scaling", "message"), [
+    ({"zero_stage": 4}, "scaling.zero_stage"),
+    ({"zero_stage": "1"}, "scaling.zero_stage"),
+    ({"micro_batch_size": 0}, "scaling.micro_batch_size"),
+    ({"accumulation_steps": True}, "scaling.accumulation_steps"),
+    ({"lr_scaling": "cubic", "base_batch_size": 8}, "scaling.lr_scaling"),
+    ({"lr_scaling": "linear"}, "scaling.base_batch_size"),
+    ({"warmup": {"kind": "cosine", "steps": 3}}, "scaling.warmup.kind"),
+    ({"warmup": {"kind": "linear", "steps": 0}}, "scaling.warmup.steps"),
+    ({"precision": "fp8"}, "scaling.precision"),
+    ({"activation_checkpointing": 1}, "scaling.activation_checkpointing"),
+    ({"lora": {"rank": 0}}, "scaling.lora.rank"),
+    ({"lora": {"rank": 2, "alpha": -1}}, "scaling.lora.alpha"),
+    ({"shards": 2}, "scaling: unknown field"),
+    ([1], "scaling must be a dict"),
+])
+def test_scaling_section_rejects_bad_fields_naming_them(scaling, message):
+    with pytest.raises(ValueError, match=message):
+        TrainSpec.parse({**SCALED, "scaling": scaling})
+
+
+@pytest.mark.parametrize(("spec", "message"), [
+    ({"optimizer": {"name": "kfac"}, "scaling": {"zero_stage": 2}},
+     "zero_stage must be 0 with optimizer kfac"),
+    ({"optimizer": {"name": "kfac"}, "scaling": {"accumulation_steps": 2}},
+     "accumulation_steps must be 1"),
+    ({"optimizer": {"name": "lbfgs"}, "scaling": {}}, "takes no scaling section"),
+    ({"scaling": {"micro_batch_size": 8, "accumulation_steps": 2}}, "must equal"),
+    ({"scaling": {"accumulation_steps": 3}}, "multiple of scaling.accumulation_steps"),
+    ({"scaling": {"precision": "fp16"}}, "fp16 needs a CUDA device"),
+    ({"batch_size": 0, "scaling": {"micro_batch_size": 4096}}, "exceeds"),
+])
+def test_scaling_plans_that_cannot_run_are_refused_before_training(digits, spec, message):
+    X, y = digits
+    with pytest.raises(ValueError, match=message):
+        train({**SCALED, **spec}, X[:400], y[:400])
+
+
+def test_accumulation_and_micro_batches_follow_the_plain_run_and_report_memory(digits):
+    X, y = digits
+    plain = train(SCALED, X, y)
+    reports: list = []
+    scaled = train({**SCALED, "batch_size": 32,
+                    "scaling": {"micro_batch_size": 8, "accumulation_steps": 4}},
+                   X, y, on_memory=reports.append)
+    assert [m.loss for m in scaled.history] == pytest.approx(
+        [m.loss for m in plain.history], rel=1e-5)
+    assert scaled.effective_batch == 32 and scaled.history[0].effective_batch == 32
+    [[report]] = reports  # once, after the first step; one worker
+    assert report.measured.total == pytest.approx(report.formula.total, rel=0.05)
+    assert report.formula.total == 16 * report.parameter_count
+
+
+def test_lr_scaling_and_warmup_drive_the_step_lr(digits):
+    X, y = digits
+    result = train({**SCALED, "scaling": {"lr_scaling": "linear", "base_batch_size": 16,
+                                          "warmup": {"kind": "linear", "steps": 4}}}, X, y)
+    assert [m.lr for m in result.history] == pytest.approx(
+        [0.01, 0.0125, 0.015, 0.0175, 0.02, 0.02])
+    kfac = train({**SCALED, "optimizer": {"name": "kfac", "lr": 0.1},
+                  "scaling": {"lr_scaling": "sqrt", "base_batch_size": 8,
+                              "warmup": {"kind": "constant", "steps": 2}}}, X, y)
+    assert [m.lr for m in kfac.history] == pytest.approx([0.1, 0.1] + [0.2] * 4)
+
+
+@pytest.mark.parametrize("spec", [
+    {"optimizer": {"name": "lars", "lr": 1.0, "momentum": 0.9, "trust_coefficient": 0.02,
+                   "weight_decay": 1e-4},
+     "scaling": {"precision": "bf16", "activation_checkpointing": True}},
+    {"optimizer": {"name": "adam", "lr": 3e-2}, "scaling": {"lora": {"rank": 4}}},
+], ids=["lars-bf16-checkpointing", "adam-lora"])
+def test_large_batch_options_train_and_export_plain_zoo_weights(digits, spec):
+    X, y = digits
+    result = train({**SCALED, **spec, "steps": 20}, X[:600], y[:600])
+    assert result.metrics["train_loss"] < 0.8 * result.history[0].loss
+    model = load_weights(build_model(DIGITS_MLP), save_weights(result.model))  # LoRA merged
+    if "lora" in spec["scaling"]:  # only the adapters trained: W - W0 has rank <= 4
+        torch.manual_seed(SCALED["seed"])
+        initial = build_model(DIGITS_MLP).state_dict()
+        for name, value in model.state_dict().items():
+            change = value - initial[name]
+            if name.endswith("bias"):
+                assert torch.equal(change, torch.zeros_like(change)), name
+            else:
+                assert 0 < torch.linalg.matrix_rank(change) <= 4, name

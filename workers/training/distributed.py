@@ -30,14 +30,22 @@ every worker holds the whole data set (fine for uploaded tensors, the small-data
 sharded reader for path/URI data plugs in at `_TrainingWorker.train`); rank 0 writes the
 checkpoints (the state is replicated in plain data parallelism).
 
-ZeRO (issue 8) plugs in at two places: loop._Run._synchronize (the gradient average
-becomes a reduce-scatter / the optimizer a ZeroRedundancyOptimizer or FSDP2-wrapped model)
-and the checkpoint writer here (every rank writes its shard; rank 0 the metadata).
+Scaling plans (issue 8; the spec's `scaling` section, large_batch.ScalingSpec): the workers
+run loop._Run.scaled, which wraps the model and optimizer with zero.wrap at the plan's ZeRO
+stage (DDP, ZeroRedundancyOptimizer, FSDP2) instead of the hand-written gradient all-reduce.
+After the first step of each attempt every worker measures the bytes it holds and rank 0
+emits one MemoryReport with all ranks' numbers. Checkpoints stay one file written by rank 0:
+at stages 1-3 every worker takes part in gathering the full weights (zero.full_model_state_
+dict) and the optimizer state (consolidated onto rank 0 at stage 1, a full state dict at
+stages 2-3), so a checkpoint resumes at any stage (and any worker count, for a new job) and
+costs the unsharded state on rank 0 while it is written. Per-rank shard files would avoid
+that peak; not needed at the sizes this service trains.
 """
 
 from __future__ import annotations
 
 import contextlib
+import math
 import os
 import queue
 import socket
@@ -93,6 +101,55 @@ class StepEvent:
     samples_per_s: float  # global batch rows per second
     train_loss: float | None
     attempt: int
+    effective_batch: int | None = None  # examples per optimizer step: micro x accum x workers
+
+
+@dataclass(frozen=True)
+class MemoryReport:
+    """What each worker held after the first step of an attempt (memory.MemoryProbe: bytes of
+    parameters, gradients and optimizer state) next to the ZeRO formula for the stage (fp32
+    Adam: 16P; stage 1: 8P + 8P/N; stage 2: 4P + 12P/N; stage 3: 16P/N). Tuples by rank."""
+
+    attempt: int
+    zero_stage: int
+    workers: int
+    implementation: str
+    effective_batch: int | None
+    parameter_count: int
+    param_bytes: tuple[int, ...]
+    grad_bytes: tuple[int, ...]
+    optimizer_bytes: tuple[int, ...]
+    at_rest_param_bytes: tuple[int, ...]
+    formula_param_bytes: int
+    formula_grad_bytes: int
+    formula_optimizer_bytes: int
+
+    @property
+    def formula_bytes(self) -> int:
+        return self.formula_param_bytes + self.formula_grad_bytes + self.formula_optimizer_bytes
+
+    def as_metrics(self) -> dict[str, float]:
+        """Flat, for a `metrics` job event: mem_*_bytes_rank<r>, mem_formula_*_bytes, ..."""
+        flat: dict[str, float] = {
+            "zero_stage": self.zero_stage, "workers": self.workers,
+            "parameter_count": self.parameter_count,
+            "mem_formula_param_bytes": self.formula_param_bytes,
+            "mem_formula_grad_bytes": self.formula_grad_bytes,
+            "mem_formula_optimizer_bytes": self.formula_optimizer_bytes,
+            "mem_formula_bytes": self.formula_bytes,
+        }
+        if self.effective_batch is not None:
+            flat["effective_batch"] = self.effective_batch
+        for rank in range(self.workers):
+            total = (self.param_bytes[rank] + self.grad_bytes[rank]
+                     + self.optimizer_bytes[rank])
+            flat |= {f"mem_param_bytes_rank{rank}": self.param_bytes[rank],
+                     f"mem_grad_bytes_rank{rank}": self.grad_bytes[rank],
+                     f"mem_optimizer_bytes_rank{rank}": self.optimizer_bytes[rank],
+                     f"mem_total_bytes_rank{rank}": total,
+                     f"mem_ratio_rank{rank}": total / self.formula_bytes
+                     if self.formula_bytes else math.nan}
+        return {k: float(v) for k, v in flat.items()}
 
 
 @dataclass(frozen=True)
@@ -111,7 +168,7 @@ class WorkerLost:
     resume_step: int
 
 
-TrainingEvent = WorkersStarted | StepEvent | CheckpointSaved | WorkerLost
+TrainingEvent = WorkersStarted | StepEvent | CheckpointSaved | WorkerLost | MemoryReport
 
 
 @dataclass(frozen=True)
@@ -125,6 +182,7 @@ class TrainingOutcome:
     wall_time_s: float
     last_checkpoint: str | None = None
     spec: dict = field(default_factory=dict, repr=False)
+    effective_batch: int | None = None  # minibatch runs: micro x accumulation x workers
 
 
 class TrainingJobError(RuntimeError):
@@ -215,8 +273,34 @@ class _TrainingWorker:
                         samples_per_s=metrics.samples_per_s,
                         train_loss=metrics.train_loss,
                         attempt=attempt,
+                        effective_batch=metrics.effective_batch,
                     )
                 )
+
+        def on_memory(reports: list) -> None:
+            from .zero import ShardingPlan
+
+            first = reports[0]
+            self._events.put(MemoryReport(
+                attempt=attempt, zero_stage=first.stage, workers=first.world_size,
+                implementation=ShardingPlan(stage=first.stage).implementation
+                if first.world_size > 1 else "single worker (unsharded)",
+                effective_batch=effective.get("batch"),
+                parameter_count=first.parameter_count,
+                param_bytes=tuple(r.measured.parameters for r in reports),
+                grad_bytes=tuple(r.measured.gradients for r in reports),
+                optimizer_bytes=tuple(r.measured.optimizer for r in reports),
+                at_rest_param_bytes=tuple(r.at_rest_parameters for r in reports),
+                formula_param_bytes=first.formula.parameters,
+                formula_grad_bytes=first.formula.gradients,
+                formula_optimizer_bytes=first.formula.optimizer,
+            ))
+
+        effective: dict[str, int | None] = {}
+
+        def on_step_with_batch(metrics: StepMetrics) -> None:
+            effective["batch"] = metrics.effective_batch
+            on_step(metrics)
 
         def on_checkpoint(state: TrainingState) -> None:
             path = save_checkpoint(
@@ -231,13 +315,14 @@ class _TrainingWorker:
             spec,
             torch.tensor(X),
             torch.tensor(y),
-            callback=on_step,
+            callback=on_step_with_batch,
             communicator=communicator,
             should_stop=self._stop.is_set,
             initial_state=initial,
             on_checkpoint=on_checkpoint if leader and checkpoint_every else None,
             checkpoint_every=checkpoint_every,
             device=device,
+            on_memory=on_memory if leader else None,
         )
         if not leader:
             return None
@@ -247,6 +332,7 @@ class _TrainingWorker:
             "steps": result.steps,
             "stopped_early": result.stopped_early,
             "train_time_s": result.train_time_s,
+            "effective_batch": result.effective_batch,
         }
 
 
@@ -315,7 +401,8 @@ def run_training_job(
         X, y = np.asarray(data["X"]), np.asarray(data["y"])
         if X.shape[0] != y.shape[0]:
             raise ValueError(f"X and y must have as many rows, got {X.shape[0]} and {y.shape[0]}")
-    check_parallel(TrainSpec.parse(job.train_spec), workers, X.shape[0])
+    check_parallel(TrainSpec.parse(job.train_spec), workers, X.shape[0],
+                   device="cuda" if use_gpu else "cpu")
     fingerprint = spec_fingerprint(
         {"spec": job.train_spec, "workers": workers, "rows": int(X.shape[0])}
     )
@@ -372,6 +459,7 @@ def run_training_job(
         wall_time_s=time.monotonic() - started,
         last_checkpoint=str(last) if last else None,
         spec=dict(spec),
+        effective_batch=result.get("effective_batch"),
     )
 
 
@@ -519,6 +607,7 @@ def _one_line(exc: BaseException) -> str:
 
 __all__ = [
     "CheckpointSaved",
+    "MemoryReport",
     "StepEvent",
     "TrainingEvent",
     "TrainingJobError",

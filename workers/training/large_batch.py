@@ -212,6 +212,159 @@ class LargeBatchPlan:
         return warmup_schedule(target, self.warmup, self.warmup_steps, start)
 
 
+# ---------------------------------------------------------------- a job's scaling section
+
+
+SCALING_KEYS = ("zero_stage", "micro_batch_size", "accumulation_steps", "lr_scaling",
+                "base_batch_size", "warmup", "precision", "activation_checkpointing", "lora")
+
+
+def _scaling_int(name: str, value: Any, lower: int, upper: int | None = None) -> int:
+    if isinstance(value, bool) or not isinstance(value, int) or value < lower or (
+            upper is not None and value > upper):
+        bound = f"in [{lower}, {upper}]" if upper is not None else f">= {lower}"
+        raise ValueError(f"scaling.{name} must be an integer {bound}, got {value!r}")
+    return value
+
+
+def _scaling_enum(name: str, enum_cls: type[enum.Enum], value: Any, allowed=None):
+    choices = [e.value for e in (allowed or enum_cls)]
+    if value not in choices:
+        raise ValueError(f"scaling.{name} must be one of {choices}, got {value!r}")
+    return enum_cls(value)
+
+
+@dataclass(frozen=True)
+class ScalingSpec:
+    """The `scaling` section of a training spec (loop.TrainSpec), checked field by field;
+    a ValueError names the field (`scaling.<name>`).
+
+    zero_stage 0-3 (zero.ShardingPlan; with one worker every stage runs unsharded, where the
+    ZeRO formulas coincide), micro_batch_size (examples per worker per forward/backward;
+    default: batch_size / (accumulation_steps x workers)), accumulation_steps, lr_scaling
+    none|linear|sqrt from base_batch_size (required with a rule) to the effective batch,
+    warmup {"kind": linear|constant, "steps": k, "start_lr": default the optimizer's lr},
+    precision fp32|bf16|fp16 (fp16: CUDA only), activation_checkpointing, lora
+    {"rank": r, "alpha": default r}. `batch_size` is the spec's own batch_size when it was
+    given (checked against micro x accumulation x workers), filled in by TrainSpec.parse.
+    """
+
+    zero_stage: int = 0
+    micro_batch_size: int | None = None
+    accumulation_steps: int = 1
+    lr_scaling: LRScaling = LRScaling.NONE
+    base_batch_size: int | None = None
+    warmup: Warmup = Warmup.NONE
+    warmup_steps: int = 0
+    warmup_start_lr: float | None = None
+    precision: Precision = Precision.FP32
+    activation_checkpointing: bool = False
+    lora_rank: int = 0
+    lora_alpha: float | None = None
+    batch_size: int | None = None
+
+    @classmethod
+    def parse(cls, raw: Any) -> ScalingSpec:
+        if not isinstance(raw, dict):
+            raise ValueError(f"scaling must be a dict, got {type(raw).__name__}")
+        unknown = sorted(set(raw) - set(SCALING_KEYS))
+        if unknown:
+            raise ValueError(f"scaling: unknown field(s) {unknown}; known: "
+                             f"{sorted(SCALING_KEYS)}")
+        micro = raw.get("micro_batch_size")
+        base = raw.get("base_batch_size")
+        rule = _scaling_enum("lr_scaling", LRScaling, raw.get("lr_scaling", "none"))
+        if base is not None:
+            base = _scaling_int("base_batch_size", base, 1)
+        if rule is not LRScaling.NONE and base is None:
+            raise ValueError(f"scaling.base_batch_size is required with lr_scaling "
+                             f"{rule.value!r}: the batch the optimizer's lr is right for")
+        kind, steps, start = Warmup.NONE, 0, None
+        warmup = raw.get("warmup")
+        if warmup is not None:
+            if not isinstance(warmup, dict):
+                raise ValueError(f"scaling.warmup must be a dict {{kind, steps}}, "
+                                 f"got {warmup!r}")
+            extra = sorted(set(warmup) - {"kind", "steps", "start_lr"})
+            if extra:
+                raise ValueError(f"scaling.warmup: unknown field(s) {extra}; known: "
+                                 f"['kind', 'start_lr', 'steps']")
+            kind = _scaling_enum("warmup.kind", Warmup, warmup.get("kind"),
+                                 (Warmup.LINEAR, Warmup.CONSTANT))
+            steps = _scaling_int("warmup.steps", warmup.get("steps"), 1)
+            start = warmup.get("start_lr")
+            if start is not None and (isinstance(start, bool) or not isinstance(
+                    start, int | float) or not math.isfinite(start) or start < 0):
+                raise ValueError(f"scaling.warmup.start_lr must be a finite number >= 0, "
+                                 f"got {start!r}")
+        lora = raw.get("lora")
+        rank, alpha = 0, None
+        if lora is not None:
+            if not isinstance(lora, dict) or "rank" not in lora:
+                raise ValueError(f"scaling.lora must be a dict with a rank, got {lora!r}")
+            extra = sorted(set(lora) - {"rank", "alpha"})
+            if extra:
+                raise ValueError(f"scaling.lora: unknown field(s) {extra}; known: "
+                                 f"['alpha', 'rank']")
+            rank = _scaling_int("lora.rank", lora["rank"], 1, 1024)
+            alpha = lora.get("alpha")
+            if alpha is not None and (isinstance(alpha, bool) or not isinstance(
+                    alpha, int | float) or not math.isfinite(alpha) or alpha <= 0):
+                raise ValueError(f"scaling.lora.alpha must be a finite number > 0, "
+                                 f"got {alpha!r}")
+        checkpointing = raw.get("activation_checkpointing", False)
+        if not isinstance(checkpointing, bool):
+            raise ValueError(f"scaling.activation_checkpointing must be true or false, "
+                             f"got {checkpointing!r}")
+        return cls(
+            zero_stage=_scaling_int("zero_stage", raw.get("zero_stage", 0), 0, 3),
+            micro_batch_size=None if micro is None else _scaling_int("micro_batch_size",
+                                                                      micro, 1),
+            accumulation_steps=_scaling_int("accumulation_steps",
+                                            raw.get("accumulation_steps", 1), 1),
+            lr_scaling=rule, base_batch_size=base,
+            warmup=kind, warmup_steps=steps,
+            warmup_start_lr=None if start is None else float(start),
+            precision=_scaling_enum("precision", Precision, raw.get("precision", "fp32")),
+            activation_checkpointing=checkpointing,
+            lora_rank=rank, lora_alpha=None if alpha is None else float(alpha),
+        )
+
+    def global_batch(self, workers: int, train_rows: int) -> int:
+        """The effective batch: micro x accumulation x workers; ValueError if it does not fit
+        the spec's batch_size or the training split."""
+        split = self.accumulation_steps * workers
+        if self.micro_batch_size is not None:
+            batch = self.micro_batch_size * split
+            if self.batch_size is not None and self.batch_size not in (0, batch):
+                raise ValueError(
+                    f"batch_size ({self.batch_size}) must equal scaling.micro_batch_size x "
+                    f"scaling.accumulation_steps x workers ({self.micro_batch_size} x "
+                    f"{self.accumulation_steps} x {workers} = {batch}), or be left out")
+        else:
+            batch = train_rows if self.batch_size in (None, 0) else self.batch_size
+            if batch % split:
+                raise ValueError(
+                    f"batch_size ({batch}) must be a multiple of scaling.accumulation_steps "
+                    f"x workers ({self.accumulation_steps} x {workers}): each worker runs "
+                    f"equal micro-batches")
+        if batch > train_rows:
+            raise ValueError(f"the effective batch ({batch} = micro x accumulation x workers) "
+                             f"exceeds the {train_rows} training examples")
+        return batch
+
+    def plan(self, workers: int, train_rows: int, base_lr: float) -> LargeBatchPlan:
+        """The LargeBatchPlan (batch arithmetic, LR scaling and warmup) for this job."""
+        batch = self.global_batch(workers, train_rows)
+        return LargeBatchPlan(
+            micro_batch=batch // (self.accumulation_steps * workers),
+            accumulation=self.accumulation_steps, workers=workers,
+            base_batch=self.base_batch_size, base_lr=base_lr, scaling=self.lr_scaling,
+            warmup=self.warmup, warmup_steps=self.warmup_steps,
+            warmup_start_lr=self.warmup_start_lr, precision=self.precision,
+            activation_checkpointing=self.activation_checkpointing, lora_rank=self.lora_rank)
+
+
 # ---------------------------------------------------------------- LARS and LAMB
 
 
@@ -502,6 +655,8 @@ __all__ = [
     "LargeBatchPlan",
     "LoRALinear",
     "Precision",
+    "SCALING_KEYS",
+    "ScalingSpec",
     "Schedule",
     "Warmup",
     "accumulate_gradients",
