@@ -64,6 +64,15 @@ class Metrics:
             "secant_train_step_seconds", "Training step time (global batch)", ["method"],
             buckets=_LATENCY_BUCKETS, registry=r,
         )
+        self.train_memory = Gauge(
+            "secant_train_memory_bytes", "Bytes a training worker held after its first step "
+            "(latest job), by ZeRO stage, kind (param, grad, optimizer) and rank",
+            ["stage", "kind", "rank"], registry=r,
+        )
+        self.train_memory_formula = Gauge(
+            "secant_train_memory_formula_bytes", "The ZeRO paper's per-worker bytes for the "
+            "latest training job's stage", ["stage"], registry=r,
+        )
         self.callback_roundtrip = Histogram(
             "secant_callback_roundtrip_seconds",
             "Callback jobs: evaluation request sent to the caller's answer received",

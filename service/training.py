@@ -158,6 +158,14 @@ class TrainingJobs:
                 # per-worker bytes next to the ZeRO formula (mem_param_bytes_rank0, ...,
                 # mem_formula_bytes, effective_batch), as a step-0 metrics event per attempt
                 self._jobs.record_metrics(live, 0, event.as_metrics())
+                held = {"param": event.param_bytes, "grad": event.grad_bytes,
+                        "optimizer": event.optimizer_bytes}
+                for kind, by_rank in held.items():
+                    for rank, value in enumerate(by_rank):
+                        metrics.train_memory.labels(str(event.zero_stage), kind, str(rank)).set(
+                            value)
+                metrics.train_memory_formula.labels(str(event.zero_stage)).set(
+                    event.formula_bytes)
             elif isinstance(event, WorkerLost):
                 self._jobs.set_state(live, pb.RUNNING,
                                      f"a worker was lost ({event.reason}); resumed from step"

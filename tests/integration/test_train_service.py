@@ -95,3 +95,22 @@ def test_secant_train_cli_writes_the_weights(gateway, tmp_path, capsys):
     assert code == 0
     assert '"steps": 3' in capsys.readouterr().out
     assert weights.stat().st_size > 0
+
+
+def test_a_zero_stage_3_job_reports_its_memory_next_to_the_formula(gateway_server):
+    spec = {"model": {"kind": "mlp", "sizes": [64, 32, 10]}, "loss": "cross_entropy",
+            "optimizer": "adam", "batch_size": 64, "steps": 3, "seed": 0, "dataset": "digits",
+            "workers": 2, "scaling": {"zero_stage": 3}}
+    with secant.Client(gateway_server.address) as client:
+        run = client.train(spec)
+    memory = [values for step, values in run.history if step == 0]
+    assert memory, "no memory report event"
+    report = memory[0]
+    assert report["zero_stage"] == 3 and report["workers"] == 2
+    assert {"mem_formula_param_bytes", "mem_param_bytes_rank0", "mem_param_bytes_rank1"} <= set(
+        report)
+    import urllib.request
+
+    with urllib.request.urlopen(gateway_server.metrics_url, timeout=5) as response:
+        exposition = response.read().decode()
+    assert 'secant_train_memory_bytes{kind="optimizer",rank="1",stage="3"}' in exposition
