@@ -12,7 +12,6 @@ Everything here is plain picklable data: the gateway converts to and from the wi
 from __future__ import annotations
 
 import logging
-import queue
 import threading
 import time
 from collections import OrderedDict
@@ -30,10 +29,9 @@ from workers.objectives import (
     build_objective,
 )
 from workers.solvers import (
-    IterateInfo,
-    SolveState,
-    least_squares,
-    minimize,
+    IterationDone,
+    LocalEvaluator,
+    Solve,
     state_from_bytes,
     state_to_bytes,
 )
@@ -164,7 +162,17 @@ def run_solve(
     emit: Callable[[WorkerEvent], None],
     should_stop: Callable[[], bool] = lambda: False,
 ) -> None:
-    """Runs one solve to its end, emitting iterate events and then one result or failure.
+    """Runs one solve to its end, handing every event to `emit` (see `iter_solve`)."""
+    for event in iter_solve(spec, should_stop):
+        emit(event)
+
+
+def iter_solve(
+    spec: RunSpec, should_stop: Callable[[], bool] = lambda: False
+) -> Iterator[WorkerEvent]:
+    """One solve as a generator of events: iterates (and checkpoints), then one result or
+    failure. The solver is driven here, on the caller's thread: no second thread competes for
+    the GIL with it.
 
     Never raises for a bad problem or a solver error: those become a FailureEvent (the gateway
     decides what the client sees; tracebacks stay in the worker log).
@@ -180,39 +188,47 @@ def run_solve(
                 torch.from_numpy(np.ascontiguousarray(b)).to(device=device, dtype=dtype)
                 for b in (spec.lower, spec.upper)
             )
+        initial_state = None
+        if spec.checkpoint:
+            initial_state = state_from_bytes(spec.checkpoint, device=device)
     except ObjectiveError as exc:
-        emit(FailureEvent("INVALID_ARGUMENT", f"problem.{exc}"))
+        yield FailureEvent("INVALID_ARGUMENT", f"problem.{exc}")
         return
     except UntrustedCodeError as exc:
-        emit(FailureEvent("PERMISSION_DENIED", str(exc)))
+        yield FailureEvent("PERMISSION_DENIED", str(exc))
         return
     except Exception as exc:
         log.exception("job %s: building the objective failed", spec.job_id)
-        emit(FailureEvent("INTERNAL", f"building the objective failed: {type(exc).__name__}"))
+        yield FailureEvent("INTERNAL", f"building the objective failed: {type(exc).__name__}")
         return
 
     every = spec.report_x_every
-    initial_state = None
-    if spec.checkpoint:
-        try:
-            initial_state = state_from_bytes(spec.checkpoint, device=device)
-        except ValueError as exc:
-            emit(FailureEvent("INTERNAL", f"the job's checkpoint is unreadable: {exc}"))
-            return
-    last_checkpoint = [time.monotonic()]
-
-    def on_iteration(state: SolveState) -> None:
-        # Time-based: a checkpoint costs a copy of the state (2mn numbers for L-BFGS).
-        interval = spec.checkpoint_interval_s
-        now = time.monotonic()
-        if interval > 0 and now - last_checkpoint[0] >= interval:
-            last_checkpoint[0] = now
-            emit(CheckpointEvent(state.nit, state_to_bytes(state)))
-
-    def on_iterate(info: IterateInfo) -> bool:
-        x = _to_numpy(info.x) if every > 0 and info.nit % every == 0 else None
-        emit(
-            IterateEvent(
+    interval = spec.checkpoint_interval_s
+    last_checkpoint = time.monotonic()
+    try:
+        # should_stop is asked before every evaluation, so a cancel lands mid line search.
+        if spec.method in LEAST_SQUARES_METHODS:
+            solve = Solve(spec.method, x0, options=spec.options, initial_state=initial_state,
+                          should_stop=should_stop)
+            evaluator = LocalEvaluator(residual=objective.residual)
+        else:
+            solve = Solve(spec.method, x0, bounds=bounds, options=spec.options,
+                          initial_state=initial_state, should_stop=should_stop)
+            evaluator = LocalEvaluator(objective.fun)
+        run = solve.run()
+        item = next(run)
+        while True:
+            if not isinstance(item, IterationDone):
+                item = run.send(evaluator(item))
+                continue
+            state = item.state
+            now = time.monotonic()
+            if interval > 0 and now - last_checkpoint >= interval:
+                # Time-based: a checkpoint costs a copy of the state (2mn numbers for L-BFGS).
+                last_checkpoint = now
+                yield CheckpointEvent(state.nit, state_to_bytes(state))
+            info = solve.iterate_info(state)
+            yield IterateEvent(
                 iteration=info.nit,
                 f=float(info.f),
                 grad_norm=float(info.grad_norm),
@@ -220,46 +236,30 @@ def run_solve(
                 nfev=info.nfev,
                 njev=info.njev,
                 elapsed_s=info.elapsed_s,
-                x=x,
+                x=_to_numpy(info.x) if every > 0 and info.nit % every == 0 else None,
             )
-        )
-        return should_stop()
-
-    # should_stop is also asked before every evaluation, so a cancel lands mid line search.
-    try:
-        if spec.method in LEAST_SQUARES_METHODS:
-            result = least_squares(
-                objective.residual, x0, method=spec.method, options=spec.options,
-                callback=on_iterate, should_stop=should_stop, initial_state=initial_state,
-                on_iteration=on_iteration,
-            )
-        else:
-            result = minimize(
-                objective.fun, x0, method=spec.method, bounds=bounds, options=spec.options,
-                callback=on_iterate, should_stop=should_stop, initial_state=initial_state,
-                on_iteration=on_iteration,
-            )
+            item = run.send(None)
+    except StopIteration as done:
+        result = done.value
     except ValueError as exc:  # options the solver refused (check_problem ran at the gateway)
-        emit(FailureEvent("INVALID_ARGUMENT", str(exc)))
+        yield FailureEvent("INVALID_ARGUMENT", str(exc))
         return
     except Exception as exc:
         log.exception("job %s: the solver raised", spec.job_id)
-        emit(FailureEvent("INTERNAL", f"the solver raised {type(exc).__name__}: {exc}"))
+        yield FailureEvent("INTERNAL", f"the solver raised {type(exc).__name__}: {exc}")
         return
-    emit(
-        ResultEvent(
-            x=_to_numpy(result.x),
-            fun=float(result.fun),
-            jac=_to_numpy(result.jac) if result.jac is not None else np.zeros(0),
-            nit=int(result.nit),
-            nfev=int(result.nfev),
-            njev=int(result.njev),
-            nhev=int(result.nhev),
-            status=result.status.name,
-            success=bool(result.success),
-            message=result.message,
-            solve_time_s=float(result.solve_time_s),
-        )
+    yield ResultEvent(
+        x=_to_numpy(result.x),
+        fun=float(result.fun),
+        jac=_to_numpy(result.jac) if result.jac is not None else np.zeros(0),
+        nit=int(result.nit),
+        nfev=int(result.nfev),
+        njev=int(result.njev),
+        nhev=int(result.nhev),
+        status=result.status.name,
+        success=bool(result.success),
+        message=result.message,
+        solve_time_s=float(result.solve_time_s),
     )
 
 
@@ -275,7 +275,6 @@ WARM_UP_SPEC = RunSpec(
     method="l-bfgs",
 )
 
-_END = object()
 BATCH_INTERVAL_S = 0.02
 MAX_BATCH_EVENTS = 1000
 
@@ -313,41 +312,23 @@ class SolverWorker:
     def run(self, spec: RunSpec) -> Iterator[list[WorkerEvent]]:
         """Streams the job's events in batches, at most one batch per `BATCH_INTERVAL_S`.
 
-        Why batch: every yield is a Ray object whose bookkeeping takes the GIL from the solve
-        thread; yielding per iteration made a 13 ms Rosenbrock solve take 25-45 ms. Watchers
-        see progress at most 20 ms late instead.
+        Why batch: every yield is a Ray object whose bookkeeping costs about as much as a
+        small solve's iteration; watchers see progress at most 20 ms late instead. The solve
+        runs on this (the actor call's) thread; `cancel` arrives on another.
         """
         with self._stops_lock:
             stop = self._stops.setdefault(spec.job_id, threading.Event())
-        events: queue.SimpleQueue = queue.SimpleQueue()
-
-        def solve() -> None:
-            try:
-                run_solve(spec, events.put, stop.is_set)
-            finally:
-                events.put(_END)
-
-        thread = threading.Thread(target=solve, name=f"solve-{spec.job_id}", daemon=True)
-        thread.start()
         try:
-            done = False
-            while not done:
-                batch = [events.get()]
-                deadline = time.monotonic() + BATCH_INTERVAL_S
-                while batch[-1] is not _END and len(batch) < MAX_BATCH_EVENTS:
-                    remaining = deadline - time.monotonic()
-                    if remaining <= 0:
-                        break
-                    try:
-                        batch.append(events.get(timeout=remaining))
-                    except queue.Empty:
-                        break
-                if batch[-1] is _END:
-                    batch.pop()
-                    done = True
-                if batch:
+            batch: list[WorkerEvent] = []
+            deadline = time.monotonic() + BATCH_INTERVAL_S
+            for event in iter_solve(spec, stop.is_set):
+                batch.append(event)
+                if len(batch) >= MAX_BATCH_EVENTS or time.monotonic() >= deadline:
                     yield batch
+                    batch = []
+                    deadline = time.monotonic() + BATCH_INTERVAL_S
+            if batch:
+                yield batch
         finally:
-            thread.join(timeout=0.1)
             with self._stops_lock:
                 self._stops.pop(spec.job_id, None)
