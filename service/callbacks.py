@@ -46,9 +46,7 @@ from workers.solvers import (
 log = logging.getLogger("secant.callbacks")
 
 _TORCH = {"float64": torch.float64, "float32": torch.float32}
-# Checkpoint every iteration while the state is small; for big states, every k iterations so
-# that serializing costs about as much as sending one 16 MiB x.
-_CHECKPOINT_BYTES_PER_ITERATION = 16 * 2**20
+_SNAPSHOT_INTERVAL_S = 0.2
 
 
 @dataclass(frozen=True)
@@ -70,6 +68,7 @@ class _Suspended:
 
     checkpoint: bytes | None
     next_request_id: int
+    last: ResultEvent | None = None  # the last iterate, as the result if nobody comes back
     lease: asyncio.TimerHandle | None = None
 
 
@@ -142,9 +141,12 @@ class CallbackJobs:
             suspended.lease.cancel()
         return live, suspended
 
-    def suspend(self, live, checkpoint: bytes | None, next_request_id: int, reason: str):
+    def suspend(self, live, checkpoint: bytes | None, next_request_id: int, reason: str,
+                last: ResultEvent | None = None):
+        """The caller went away: keep what a resume needs (`checkpoint`) and the result the
+        job ends with if nobody comes back (`last`: the last iterate)."""
         job_id = live.job.job_id
-        suspended = _Suspended(checkpoint, next_request_id)
+        suspended = _Suspended(checkpoint, next_request_id, last)
         loop = asyncio.get_running_loop()
         suspended.lease = loop.call_later(
             self._settings.lease_s, self._expire, live, "lease"
@@ -166,8 +168,11 @@ class CallbackJobs:
                        " s); the result is the last iterate.")
         else:
             message = "The solve was cancelled while waiting for its caller; last iterate."
-        state = state_from_bytes(suspended.checkpoint) if suspended.checkpoint else None
-        event = _cancelled_result(live.spec, state, message)
+        if suspended.last is not None:
+            event = dataclasses.replace(suspended.last, message=message)
+        else:
+            state = state_from_bytes(suspended.checkpoint) if suspended.checkpoint else None
+            event = _cancelled_result(live.spec, state, message)
         task = asyncio.get_running_loop().create_task(self._jobs.record(live, event))
         self._background.add(task)
         task.add_done_callback(self._background.discard)
@@ -196,8 +201,9 @@ class _Driver:
                            for b in (self.spec.lower, self.spec.upper))
         self.solve = Solve(self.spec.method, x0, bounds=bounds, options=self.spec.options,
                            initial_state=state, should_stop=lambda: self.live.cancel_requested)
-        self.checkpoint_every = 1
-        self.iterations_since_checkpoint = 0
+        self.snapshot_time = 0.0
+        self.state: SolveState | None = None
+        self.snapshot_interval = _SNAPSHOT_INTERVAL_S
 
     def cancel(self) -> None:
         """CancelJob while attached: the solver stops before its next evaluation."""
@@ -206,7 +212,10 @@ class _Driver:
         if self.finished or self.suspended:
             return
         self.suspended = True
-        self.owner.suspend(self.live, self.checkpoint, self.request_id, reason)
+        last = None
+        if self.state is not None:  # between steps x, f, g are the last accepted iterate's
+            last = _cancelled_result(self.spec, self.state, "")
+        self.owner.suspend(self.live, self.checkpoint, self.request_id, reason, last)
 
     async def run(self, context, queue: asyncio.Queue) -> AsyncIterator[pb.CallbackServerMessage]:
         jobs, metrics = self.owner._jobs, self.owner._jobs.metrics
@@ -217,6 +226,7 @@ class _Driver:
             item = next(run)
             while True:
                 if isinstance(item, IterationDone):
+                    self.state = item.state
                     self._checkpoint(item.state)
                     info = self.solve.iterate_info(item.state)
                     x = None
@@ -269,14 +279,18 @@ class _Driver:
             yield message
 
     def _checkpoint(self, state: SolveState) -> None:
-        """Keeps a copy of the state at this iteration boundary (serialized only if the caller
-        goes away: safetensors costs ~0.2 ms even for a tiny state)."""
-        self.iterations_since_checkpoint += 1
-        if self.iterations_since_checkpoint < self.checkpoint_every and self.snapshot:
+        """Keeps a copy of the state at this iteration boundary, every few tenths of a second
+        (serialized only if the caller goes away: safetensors costs ~0.2 ms even for a tiny
+        state). A resume from an older copy redoes a few iterations with the same results;
+        the job log drops the iterates it already has."""
+        now = time.monotonic()
+        if self.snapshot is not None and now - self.snapshot_time < self.snapshot_interval:
             return
         self.snapshot = _copy_state(state)
-        self.iterations_since_checkpoint = 0
-        self.checkpoint_every = max(1, _state_bytes(state) // _CHECKPOINT_BYTES_PER_ITERATION)
+        copied = time.monotonic()
+        self.snapshot_time = copied
+        # Copies take at most ~2% of the solve, however big the state (2mn for L-BFGS).
+        self.snapshot_interval = max(_SNAPSHOT_INTERVAL_S, 50 * (copied - now))
 
     @property
     def checkpoint(self) -> bytes | None:
@@ -334,11 +348,6 @@ def _copy_state(state: SolveState) -> SolveState:
         if isinstance(value, torch.Tensor):
             setattr(copied, f.name, value.clone())
     return copied
-
-
-def _state_bytes(state: SolveState) -> int:
-    return sum(v.numel() * v.element_size() for v in vars(state).values()
-               if isinstance(v, torch.Tensor))
 
 
 def _pending(queue: asyncio.Queue) -> list[pb.JobEvent]:
