@@ -19,9 +19,15 @@ Targets (issue 6): overhead p50 <= 2x the bare echo; remote solve <= 2x scipy in
 
 from __future__ import annotations
 
-import argparse
-import asyncio
-import queue
+import os
+
+# The same BLAS threading for scipy and for us, set before numpy loads (as bench/solvers.py).
+for _name in ("OPENBLAS_NUM_THREADS", "OMP_NUM_THREADS", "MKL_NUM_THREADS"):
+    os.environ.setdefault(_name, "1")
+
+import argparse  # noqa: E402
+import asyncio  # noqa: E402
+import queue  # noqa: E402
 import sys
 import threading
 import time
@@ -32,10 +38,9 @@ import numpy as np
 import scipy.optimize
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from service import Gateway, percentile  # noqa: E402  (bench/service.py)
-
 import secant  # noqa: E402
 from secant.v1 import optimizer_pb2 as pb  # noqa: E402
+from service import Gateway, percentile  # noqa: E402  (bench/service.py)
 
 N = 1000
 
