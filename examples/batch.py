@@ -9,6 +9,7 @@ import argparse
 import asyncio
 
 import numpy as np
+
 import secant
 
 ROSENBROCK = "sum(100 * (x[1:] - x[:-1]**2)**2 + (1 - x[:-1])**2)"

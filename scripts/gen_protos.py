@@ -36,7 +36,8 @@ def generate(out_dir: Path) -> list[Path]:
         raise SystemExit("protoc failed")
     package_dir = out_dir / "secant" / "v1"
     init = package_dir / "__init__.py"
-    init.write_text('"""Generated gRPC stubs for secant.v1 (scripts/gen_protos.py; do not edit)."""\n')
+    docstring = '"""Generated gRPC stubs for secant.v1 (scripts/gen_protos.py; do not edit)."""'
+    init.write_text(docstring + "\n")
     return sorted(package_dir.glob("*.py*"))
 
 
