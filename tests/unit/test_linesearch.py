@@ -266,3 +266,23 @@ def test_armijo_property(curvature, minimizer, alpha0, c1):
     assert_armijo(phi, derphi0, result, c1)
     # a quadratic: interpolation lands on or past the exact minimizer's Armijo region
     assert result.alpha >= min(alpha0, 0.1 * 2 * (1 - c1) * minimizer) * (1 - 1e-9)
+
+
+def test_strong_wolfe_stops_at_alpha_max_and_accepts_it_only_when_asked():
+    # phi(a) = (a - 10)^2: the strong Wolfe points are [1, 19], beyond alpha_max = 0.5; a = 0.5 has
+    # sufficient decrease and a negative slope (dcsrch's "STP = STPMAX" warning).
+    def phi(a: float) -> float:
+        return (a - 10.0) ** 2
+
+    def derphi(a: float) -> float:
+        return 2.0 * (a - 10.0)
+
+    plain, _ = drive(StrongWolfe().search(phi(0), derphi(0), 1.0, alpha_max=0.5), phi, derphi,
+                     with_gradient=True)
+    lnsrlb = StrongWolfe(xtol=0.1, accept_at_warning=True)
+    taken, _ = drive(lnsrlb.search(phi(0), derphi(0), 1.0, alpha_max=0.5), phi, derphi,
+                     with_gradient=True)
+
+    assert not plain.success and plain.alpha <= 0.5
+    assert taken.success and taken.alpha == 0.5
+    assert taken.phi <= phi(0) + 1e-4 * taken.alpha * derphi(0)

@@ -273,3 +273,39 @@ def test_truncated_checkpoint_raises_value_error():
     for cut in (7, 20, len(blob) // 2, len(blob) - 1):
         with pytest.raises(ValueError):
             state_from_bytes(blob[:cut])
+
+
+@pytest.mark.parametrize("method", ["l-bfgs", "l-bfgs-b"])
+def test_checkpoint_with_slot_ordered_history_resumes_identically(method):
+    # Checkpoints written before the chronological layout (layout = 0) kept SY/YY in ring-slot
+    # order and no S^T S; resuming one reorders them once and continues the same iterates.
+    problem, k, kwargs = CASES[method]
+    options = {"gtol": 1e-10, "max_iter": 500}
+    full, record_full = _recording()
+    _solve(method, problem, options=options, on_iteration=record_full, **kwargs)
+    blobs: dict[int, bytes] = {}
+
+    def keep_k(state: SolveState) -> None:
+        if state.nit == k:
+            blobs[k] = state_to_bytes(state)
+
+    _solve(method, problem, options=options, on_iteration=keep_k, **kwargs)
+    state = state_from_bytes(blobs[k])
+    m, count = state.SY.shape[0], state.count
+    slots = [(state.newest - count + 1 + i) % m for i in range(count)]
+    idx = torch.tensor(slots)
+    for name in ("SY", "YY"):
+        chrono = getattr(state, name)[:count, :count]
+        legacy = torch.zeros_like(getattr(state, name))
+        legacy[idx.unsqueeze(1), idx.unsqueeze(0)] = chrono
+        setattr(state, name, legacy)
+    state.layout, state.SS = 0, None
+
+    resumed_seen, record_resumed = _recording()
+    _solve(method, problem, options=options, on_iteration=record_resumed, initial_state=state,
+           **kwargs)
+
+    assert len(resumed_seen) == len(full[k:])
+    for (nit, x, f, _g), (_, x_ref, f_ref, _) in zip(resumed_seen, full[k:], strict=True):
+        torch.testing.assert_close(x, x_ref, rtol=1e-12, atol=1e-12, msg=f"x at {nit}")
+        torch.testing.assert_close(f, f_ref, rtol=1e-12, atol=1e-14)

@@ -97,8 +97,6 @@ def check_problem(method: str, x0: Tensor, bounds=None, options: dict | None = N
     bound_tensors = _as_bounds(bounds, x0)
     if bound_tensors is not None and not info.bounds:
         raise ValueError(f"method {info.name!r} does not take bounds; use l-bfgs-b")
-    if info.name == "l-bfgs-b" and parsed.line_search == "strong-wolfe":
-        raise ValueError("l-bfgs-b searches along the projection arc: line_search='armijo' only")
     return info, parsed, bound_tensors
 
 

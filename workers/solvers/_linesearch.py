@@ -83,6 +83,10 @@ class StrongWolfe:
     xtol: float = 1e-14
     max_stale: int = 5
     needs_gradient: bool = True
+    # dcsrch's warnings (rounding errors, xtol, stp = stpmax) end the search; with this set
+    # the current trial is returned as a success when it has sufficient decrease, as
+    # L-BFGS-B's lnsrlb takes it (a step that reaches alpha_max is the common case there).
+    accept_at_warning: bool = False
 
     def __post_init__(self) -> None:
         if not 0.0 < self.c1 < self.c2 < 1.0:
@@ -123,14 +127,16 @@ class StrongWolfe:
                 return LineSearchResult(stp, f, g, True, saw_nonfinite)
             if stage == 1 and f <= ftest and g >= 0:
                 stage = 2
-            if brackt and (stp <= stmin or stp >= stmax or stmax - stmin <= self.xtol * stmax):
-                break  # rounding errors prevent progress
+            warn = brackt and (stp <= stmin or stp >= stmax or stmax - stmin <= self.xtol * stmax)
             stale = 0 if f < f_best else stale + int(brackt)
             f_best = min(f, f_best)
-            if stale >= self.max_stale:
-                break  # a bracket that f cannot resolve: noise or rounding, not curvature
-            if stp == stpmax and f <= ftest and g <= gtest:
-                break  # the search would go past alpha_max
+            # rounding errors prevent progress; a bracket that f cannot resolve (noise or
+            # rounding, not curvature); or the search would go past alpha_max
+            warn = warn or stale >= self.max_stale or (stp == stpmax and f <= ftest and g <= gtest)
+            if warn:
+                if self.accept_at_warning and f <= ftest:
+                    return LineSearchResult(stp, f, g, True, saw_nonfinite)
+                break
             if stage == 1 and fx >= f > ftest:
                 # The modified function psi(a) = phi(a) - phi0 - c1 a derphi0 drives the step.
                 stx, fxm, gxm, sty, fym, gym, stp, brackt = _dcstep(
