@@ -23,10 +23,10 @@ def test_linear_residual_reaches_the_least_squares_solution(method):
     x0 = torch.zeros(5, dtype=torch.float64)
     objective = build_objective(kind="residual", source="A @ x - b",
                                 data=[_spec("A", A), _spec("b", b)], x0=x0)
-    result = least_squares(objective.residual, x0, method=method, options={"gtol": 1e-8})
+    result = least_squares(objective.residual, x0, method=method, options={"gtol": 1e-10})
     expected, *_ = np.linalg.lstsq(A, b, rcond=None)
     assert result.success, result.message
-    np.testing.assert_allclose(result.x.numpy(), expected, rtol=1e-7, atol=1e-9)
+    np.testing.assert_allclose(result.x.numpy(), expected, rtol=1e-8, atol=1e-10)
 
 
 @pytest.mark.parametrize("method", ["gauss-newton", "lm"])
