@@ -38,9 +38,10 @@ import numpy as np
 import scipy.optimize
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-import secant  # noqa: E402
+from _gateway import Gateway, percentile
+
+import secant
 from secant.v1 import optimizer_pb2 as pb  # noqa: E402
-from service import Gateway, percentile  # noqa: E402  (bench/service.py)
 
 N = 1000
 

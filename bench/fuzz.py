@@ -25,11 +25,11 @@ from hypothesis import strategies as st
 HERE = Path(__file__).resolve().parent
 sys.path.insert(0, str(HERE))
 sys.path.insert(0, str(HERE.parent / "tests" / "integration"))
-from test_fuzz import DELIBERATE, FUZZ, RAW_METHODS, problems  # noqa: E402
+from _gateway import Gateway
+from test_fuzz import DELIBERATE, FUZZ, RAW_METHODS, problems
 
 from secant.v1 import optimizer_pb2 as pb  # noqa: E402
 from secant.v1 import optimizer_pb2_grpc as pb_grpc  # noqa: E402
-from service import Gateway  # noqa: E402  (bench/service.py)
 
 
 def rss_mb(pid: int) -> float:
