@@ -158,6 +158,15 @@ class LineSearchSolver:
             self.reset_memory(state)
             d, derphi0 = -state.g, -float(torch.dot(state.g, state.g))
             result, ev, x_new = yield from self._search(state, d, derphi0, fresh=True)
+        yield from self._finish_search(result, state, derphi0, ev, x_new)
+        sy = None
+        if result.derphi is not None and ev is not None and ev.g is not None:
+            sy = result.alpha * (result.derphi - derphi0)
+        self._accept(state, x_new, ev.f, ev.g, result.alpha, d, derphi0, sy)
+
+    def _finish_search(self, result, state, derphi0: float, ev: Evaluation, x_new: Tensor):
+        """Stops the solve when the search found no acceptable step; makes sure the accepted
+        point's gradient is known (Armijo trials ask for f only)."""
         if not self._acceptable(result, state, derphi0):
             status = Status.NON_FINITE if result.saw_nonfinite else Status.LINE_SEARCH_FAILED
             raise SolveStopped(status)
@@ -166,10 +175,6 @@ class LineSearchSolver:
             ev.g = ev_g.g
             if not ev_g.is_finite():
                 raise SolveStopped(Status.NON_FINITE)
-        sy = None
-        if result.derphi is not None and ev is not None and ev.g is not None:
-            sy = result.alpha * (result.derphi - derphi0)
-        self._accept(state, x_new, ev.f, ev.g, result.alpha, d, derphi0, sy)
 
     def _acceptable(self, result: LineSearchResult, state: SolveState, derphi0: float) -> bool:
         """Only a step the rule accepts (a Wolfe point; an Armijo point for Armijo rules).
@@ -923,14 +928,7 @@ class LbfgsB(Lbfgs):
             derphi0 = float(torch.dot(state.g, d))
             if math.isfinite(derphi0) and derphi0 < 0:
                 result, ev, x_new = yield from self._search(state, d, derphi0)
-        if not self._acceptable(result, state, derphi0):
-            status = Status.NON_FINITE if result.saw_nonfinite else Status.LINE_SEARCH_FAILED
-            raise SolveStopped(status)
-        if ev.g is None:
-            ev_g = yield EvalRequest(x_new, need_f=False, need_g=True)
-            ev.g = ev_g.g
-            if not ev_g.is_finite():
-                raise SolveStopped(Status.NON_FINITE)
+        yield from self._finish_search(result, state, derphi0, ev, x_new)
         self._accept(state, x_new, ev.f, ev.g, result.alpha, d, derphi0)
 
     def _search(self, state, d, derphi0, fresh=False):

@@ -376,6 +376,14 @@ def split(X: Tensor, y: Tensor, fraction: float, seed: int):
     return X[tr], y[tr], X[val], y[val]
 
 
+def _worker_slice(xb: Tensor, yb: Tensor, rank: int, world: int) -> tuple[Tensor, Tensor]:
+    """This worker's equal slice of the global batch (all of it on one worker)."""
+    if world <= 1:
+        return xb, yb
+    rows = xb.shape[0] // world
+    return xb[rank * rows:(rank + 1) * rows], yb[rank * rows:(rank + 1) * rows]
+
+
 class _Stop(Exception):
     pass
 
@@ -626,9 +634,7 @@ class _Run:
             while self.step < steps:
                 xb, yb = next(batches)
                 global_rows = xb.shape[0]
-                if world > 1:  # this worker's equal slice of the global batch
-                    rows = global_rows // world
-                    xb, yb = xb[rank * rows:(rank + 1) * rows], yb[rank * rows:(rank + 1) * rows]
+                xb, yb = _worker_slice(xb, yb, rank, world)
                 start = time.perf_counter()
                 lr = self._scheduled_lr(optimizer, preconditioner, lr)
                 optimizer.zero_grad(set_to_none=True)
@@ -724,9 +730,7 @@ class _Run:
             while self.step < steps:
                 xb, yb = next(batches)
                 global_rows = xb.shape[0]
-                if world > 1:  # this worker's equal slice of the global batch
-                    rows = global_rows // world
-                    xb, yb = xb[rank * rows:(rank + 1) * rows], yb[rank * rows:(rank + 1) * rows]
+                xb, yb = _worker_slice(xb, yb, rank, world)
                 probe = None if measured else MemoryProbe(wrapped, optimizer)
                 start = time.perf_counter()
                 lr_now = resolve(schedule, self.step)
