@@ -44,6 +44,7 @@ from service.scheduler import Scheduler, WorkerLost
 from service.store import TERMINAL_STATES, JobPage, JobStore, NewJob
 from service.validation import Limits, SolveSpec, validate_problem
 from workers.runner import CheckpointEvent, FailureEvent, IterateEvent, ResultEvent
+from workers.solvers import state_from_bytes
 
 log = logging.getLogger("secant.jobs")
 
@@ -97,6 +98,7 @@ class _LiveJob:
     # Durability: the newest solver checkpoint the worker sent, and how often the job's
     # worker was lost and the job resumed from it.
     checkpoint: bytes | None = None
+    checkpoint_nit: int = 0
     restarts: int = 0
     # Watchers only ever see events already in the store (events[:flushed_seq]), so a
     # gateway that dies and comes back never shows them a sequence number twice.
@@ -187,9 +189,11 @@ class JobManager:
         self._usage[job.owner][1] += spec.n
         self._live[job.job_id] = live
         job.state = pb.QUEUED
-        nit = live.last_iterate.iteration if live.last_iterate is not None else 0
-        reason = (f"the gateway restarted; resuming from iteration {nit}" if checkpoint
-                  else "the gateway restarted; starting again from x0")
+        if checkpoint:
+            live.checkpoint_nit = state_from_bytes(checkpoint).nit
+            reason = f"the gateway restarted; resuming from iteration {live.checkpoint_nit}"
+        else:
+            reason = "the gateway restarted; starting again from x0"
         self._emit(live, state_change=pb.StateChange(state=pb.QUEUED, reason=reason))
         live.task = asyncio.create_task(self._run(live), name=f"job-{job.job_id}")
         log.warning("job resumed after a gateway restart", extra={"job_id": job.job_id})
@@ -379,7 +383,7 @@ class JobManager:
                     if live.cancel_requested or live.restarts >= self._max_worker_restarts:
                         raise
                     live.restarts += 1
-                    nit = live.last_iterate.iteration if live.last_iterate is not None else 0
+                    nit = live.checkpoint_nit
                     log.warning("worker lost; rescheduling", extra={
                         "job_id": job_id, "restart": live.restarts, "reason": str(lost)})
                     self._emit(live, state_change=pb.StateChange(
@@ -439,7 +443,7 @@ class JobManager:
 
     async def _on_worker_event(self, live: _LiveJob, event) -> None:
         if isinstance(event, CheckpointEvent):
-            live.checkpoint = event.state
+            live.checkpoint, live.checkpoint_nit = event.state, event.nit
             self._pending_checkpoints[live.job.job_id] = event.state
             return
         if isinstance(event, IterateEvent):
