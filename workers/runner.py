@@ -222,12 +222,10 @@ def iter_solve(
                 item = run.send(evaluator(item))
                 continue
             state = item.state
-            now = time.monotonic()
-            if interval > 0 and now - last_checkpoint >= interval:
-                # Time-based: a checkpoint costs a copy of the state (2mn numbers for L-BFGS).
-                last_checkpoint = now
-                yield CheckpointEvent(state.nit, state_to_bytes(state))
             info = solve.iterate_info(state)
+            # The iterate goes out before its checkpoint: a worker that dies between the two
+            # resumes from an older checkpoint (and repeats iterates the gateway drops), never
+            # from one whose iterate was lost.
             yield IterateEvent(
                 iteration=info.nit,
                 f=float(info.f),
@@ -238,6 +236,11 @@ def iter_solve(
                 elapsed_s=info.elapsed_s,
                 x=_to_numpy(info.x) if every > 0 and info.nit % every == 0 else None,
             )
+            now = time.monotonic()
+            if interval > 0 and now - last_checkpoint >= interval:
+                # Time-based: a checkpoint costs a copy of the state (2mn numbers for L-BFGS).
+                last_checkpoint = now
+                yield CheckpointEvent(state.nit, state_to_bytes(state))
             item = run.send(None)
     except StopIteration as done:
         result = done.value
