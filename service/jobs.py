@@ -535,12 +535,15 @@ class JobManager:
             self._emit(live, train_result=train_result)
         else:
             self._emit(live, state_change=state_change)
+        # The quota is free the moment the job's record says it ended (GetJob shows that
+        # before the flush below completes).
+        if job.job_id in self._live:
+            self._release_quota(job.owner, 1, live.spec.n)
         # Durable before anyone hears of it: a client that saw the end can read it back.
         await self._flush()
         for queue in live.watchers:
             queue.put_nowait(None)
-        if self._live.pop(job.job_id, None) is not None:
-            self._release_quota(job.owner, 1, live.spec.n)
+        self._live.pop(job.job_id, None)
         self._record_finish(live, wall)
 
     def _record_finish(self, live: _LiveJob, wall: float) -> None:
