@@ -19,6 +19,7 @@ import asyncio
 import dataclasses
 import logging
 import math
+import sys
 import time
 from collections.abc import AsyncIterator
 from dataclasses import dataclass
@@ -47,6 +48,7 @@ log = logging.getLogger("secant.callbacks")
 
 _TORCH = {"float64": torch.float64, "float32": torch.float32}
 _SNAPSHOT_INTERVAL_S = 0.2
+_LITTLE_ENDIAN = sys.byteorder == "little"
 
 
 @dataclass(frozen=True)
@@ -204,6 +206,47 @@ class _Driver:
         self.snapshot_time = 0.0
         self.state: SolveState | None = None
         self.snapshot_interval = _SNAPSHOT_INTERVAL_S
+        # The evaluation deadline: one timer per session, re-armed only when it fires, instead
+        # of a timeout context (a timer handle plus bookkeeping) per read.
+        self._deadline_s = owner._settings.evaluation_deadline_s
+        self._watchdog: asyncio.TimerHandle | None = None
+        self._reading_since: float | None = None
+        self._reader: asyncio.Task | None = None
+        self._deadline_hit = False
+
+    async def _read(self, context):
+        """The caller's answer; None when it has gone (half-close). TimeoutError when it has
+        not answered within the evaluation deadline."""
+        loop = asyncio.get_running_loop()
+        self._reader = asyncio.current_task()
+        self._reading_since = loop.time()
+        if self._watchdog is None:
+            self._watchdog = loop.call_at(self._reading_since + self._deadline_s, self._watch)
+        try:
+            message = await context.read()
+        except asyncio.CancelledError:
+            if not self._deadline_hit:
+                raise
+            self._deadline_hit = False
+            self._reader.uncancel()
+            raise TimeoutError from None
+        finally:
+            self._reading_since = None
+        if message is grpc.aio.EOF:
+            return None
+        return message
+
+    def _watch(self) -> None:
+        loop = asyncio.get_running_loop()
+        since = self._reading_since
+        now = loop.time()
+        if since is not None and now - since >= self._deadline_s:
+            self._watchdog = None
+            self._deadline_hit = True
+            self._reader.cancel()
+            return
+        due = now + self._deadline_s if since is None else since + self._deadline_s
+        self._watchdog = loop.call_at(due, self._watch)
 
     def cancel(self) -> None:
         """CancelJob while attached: the solver stops before its next evaluation."""
@@ -242,12 +285,13 @@ class _Driver:
                 request_id = self.request_id
                 self.request_id += 1
                 sent = time.perf_counter()
-                yield pb.CallbackServerMessage(
-                    request=_request_message(request_id, item), events=_pending(queue)
-                )
+                message = pb.CallbackServerMessage()
+                _fill_request(message.request, request_id, item)  # in place: no copy of x
+                if not queue.empty():
+                    message.events.extend(_pending(queue))
+                yield message
                 try:
-                    reply = await self.owner._read(context, settings.evaluation_deadline_s,
-                                                   "result")
+                    reply = await self._read(context)
                 except TimeoutError:
                     self.finished = True
                     await jobs.record(self.live, FailureEvent(
@@ -273,6 +317,9 @@ class _Driver:
                 item = run.send(evaluation)
         except StopIteration as done:
             result = done.value
+        finally:
+            if self._watchdog is not None:
+                self._watchdog.cancel()
         self.finished = True
         await jobs.record(self.live, _result_event(result))
         for message in _drain(queue):
@@ -309,17 +356,17 @@ class _Driver:
             raise CallerProtocolError(
                 f"evaluation {request_id}: the answer names request {answer.request_id}"
             )
-        nan = torch.full((), math.nan, dtype=self.dtype)
         if answer.error:
             log.warning("the caller's evaluation failed", extra={
                 "job_id": self.live.job.job_id, "request_id": request_id,
                 "reason": answer.error[:200]})
+            nan = torch.full((), math.nan, dtype=self.dtype)
             return Evaluation(f=nan, g=torch.full((self.n,), math.nan, dtype=self.dtype),
                               hvp=torch.full((self.n,), math.nan, dtype=self.dtype)
                               if request.hvp_vector is not None else None)
         out = Evaluation()
         if request.need_f:
-            out.f = torch.tensor(answer.f, dtype=self.dtype)
+            out.f = torch.scalar_tensor(answer.f, dtype=self.dtype)
         if request.need_g:
             out.g = self._vector(answer.gradient, "gradient", request_id)
         if request.hvp_vector is not None:
@@ -327,8 +374,14 @@ class _Driver:
         return out
 
     def _vector(self, tensor: pb.Tensor, name: str, request_id: int) -> torch.Tensor:
+        data = tensor.data
+        if (tensor.dtype == pb.FLOAT64 and len(data) == 8 * self.n and len(tensor.shape) == 1
+                and tensor.shape[0] == self.n and _LITTLE_ENDIAN):
+            # The common case, straight from the message's bytes: one copy, no checks to redo.
+            vector = torch.frombuffer(bytearray(data), dtype=torch.float64)
+            return vector if self.dtype == torch.float64 else vector.to(self.dtype)
         where = f"evaluation {request_id}: {name}"
-        if not tensor.data and not tensor.shape:
+        if not data and not tensor.shape:
             raise CallerProtocolError(f"{where} is required for this request")
         try:
             array = decode_tensor(tensor, where)
@@ -366,14 +419,25 @@ def _drain(queue: asyncio.Queue):
             yield pb.CallbackServerMessage(event=event)
 
 
-def _request_message(request_id: int, request: EvalRequest) -> pb.EvaluationRequest:
-    message = pb.EvaluationRequest(
-        request_id=request_id, x=encode_tensor(request.x.detach().cpu().numpy()),
-        need_f=request.need_f, need_gradient=request.need_g,
-    )
+def _fill_request(message: pb.EvaluationRequest, request_id: int, request: EvalRequest) -> None:
+    message.request_id = request_id
+    message.need_f = request.need_f
+    message.need_gradient = request.need_g
+    _encode_into(message.x, request.x)
     if request.hvp_vector is not None:
-        message.hvp_vector.CopyFrom(encode_tensor(request.hvp_vector.detach().cpu().numpy()))
-    return message
+        _encode_into(message.hvp_vector, request.hvp_vector)
+
+
+def _encode_into(field: pb.Tensor, tensor: torch.Tensor) -> None:
+    """A 1-D float64 tensor's bytes straight into the message field (no numpy round trip);
+    anything else through encode_tensor."""
+    tensor = tensor.detach()
+    if tensor.dtype == torch.float64 and tensor.dim() == 1 and _LITTLE_ENDIAN:
+        field.shape.append(tensor.shape[0])
+        field.dtype = pb.FLOAT64
+        field.data = tensor.cpu().numpy().tobytes()
+    else:
+        field.CopyFrom(encode_tensor(tensor.cpu().numpy()))
 
 
 def _result_event(result) -> ResultEvent:

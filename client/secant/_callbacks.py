@@ -8,6 +8,7 @@ server drives the solver and sends evaluation requests over one SolveWithCallbac
 from __future__ import annotations
 
 import math
+import sys
 from collections.abc import Callable
 from typing import Any
 
@@ -17,6 +18,26 @@ from secant._tensors import from_tensor, to_tensor
 from secant.v1 import optimizer_pb2 as pb
 
 ScalarFn = Callable[..., Any]
+_LITTLE_ENDIAN = sys.byteorder == "little"
+
+
+def _vector(tensor: pb.Tensor) -> np.ndarray:
+    """A request's vector as a writable float64 array (the caller's code may modify it)."""
+    data = tensor.data
+    if (tensor.dtype == pb.FLOAT64 and len(tensor.shape) == 1
+            and len(data) == 8 * tensor.shape[0] and _LITTLE_ENDIAN):
+        return np.frombuffer(data, dtype=np.float64).copy()
+    return from_tensor(tensor, copy=True).astype(np.float64, copy=False)
+
+
+def _fill(field: pb.Tensor, vector: np.ndarray) -> None:
+    """A float64 vector straight into a message field (what to_tensor makes, one copy less)."""
+    if vector.dtype == np.float64 and vector.ndim == 1 and _LITTLE_ENDIAN:
+        field.shape.append(vector.shape[0])
+        field.dtype = pb.FLOAT64
+        field.data = vector.tobytes()
+    else:
+        field.CopyFrom(to_tensor(vector, dtype=pb.FLOAT64))
 
 
 class CallbackEvaluator:
@@ -45,26 +66,32 @@ class CallbackEvaluator:
         return self.hessp is not None
 
     def answer(self, request: pb.EvaluationRequest) -> pb.EvaluationResult:
+        return self.answer_message(request).result
+
+    def answer_message(self, request: pb.EvaluationRequest) -> pb.CallbackClientMessage:
+        """The stream message answering `request` (built in place: no copies of the vectors)."""
         self.evaluations += 1
-        result = pb.EvaluationResult(request_id=request.request_id)
+        message = pb.CallbackClientMessage()
+        result = message.result
+        result.request_id = request.request_id
         try:
-            x = from_tensor(request.x, copy=True).astype(np.float64, copy=False)
+            x = _vector(request.x)
             f, g = self._value_and_gradient(x, request.need_f, request.need_gradient)
             if f is not None:
                 result.f = f
             if g is not None:
-                result.gradient.CopyFrom(to_tensor(g, dtype=pb.FLOAT64))
+                _fill(result.gradient, g)
             if request.HasField("hvp_vector"):
                 if self.hessp is None:
                     raise ValueError("the server asked for a Hessian-vector product; no hessp")
-                p = from_tensor(request.hvp_vector, copy=True).astype(np.float64, copy=False)
+                p = _vector(request.hvp_vector)
                 hv = np.asarray(self.hessp(x, p, *self.args), dtype=np.float64).reshape(-1)
-                result.hvp.CopyFrom(to_tensor(hv, dtype=pb.FLOAT64))
+                _fill(result.hvp, hv)
         except Exception as exc:  # the caller's code failed: the solver backs off
             result.Clear()
             result.request_id = request.request_id
             result.error = f"{type(exc).__name__}: {exc}"[:1000] or "evaluation failed"
-        return result
+        return message
 
     def _value_and_gradient(self, x: np.ndarray, need_f: bool, need_g: bool):
         if self.jac is True:

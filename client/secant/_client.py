@@ -182,9 +182,7 @@ class Client:
                     announced = True
                     on_job(tracker.job_id)
                 if message.HasField("request"):
-                    outbox.put(pb.CallbackClientMessage(
-                        result=evaluator.answer(message.request)
-                    ))
+                    outbox.put(evaluator.answer_message(message.request))
         except grpc.RpcError as exc:
             raise from_rpc_error(exc) from None
         finally:

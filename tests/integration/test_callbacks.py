@@ -296,3 +296,38 @@ def test_cancel_job_stops_an_attached_callback_solve(gateway):
         outbox.put(None)
         assert result.status == pb.CANCELLED_BY_USER
         assert client.get_job(job_id).state == secant.JobState.CANCELLED
+
+
+def test_a_float32_solve_in_callback_mode(client):
+    # float32 x travels as FLOAT32 (not the float64 fast path); gradients come back float64.
+    seen = []
+
+    def fun(x):
+        seen.append(x.dtype)
+        return rosen(x), rosen_der(x)
+
+    result = client.minimize(fun, X0, method="l-bfgs", jac=True, dtype="float32",
+                             options={"gtol": 1e-3})
+    assert result.success, result.message
+    assert set(seen) == {np.dtype(np.float64)}
+    np.testing.assert_allclose(result.x, np.ones(4), atol=1e-2)
+
+
+def test_a_gradient_of_the_wrong_length_fails_the_job(make_gateway):
+    server = make_gateway(callbacks=CallbackSettings(evaluation_deadline_s=30))
+    with grpc.insecure_channel(server.address) as channel:
+        outbox, responses = _start(pb_grpc.OptimizerStub(channel))
+        failure = None
+        for message in responses:
+            for event in _events(message):
+                if event.HasField("failure"):
+                    failure = event.failure
+            if message.HasField("request"):
+                x = secant.from_tensor(message.request.x)
+                outbox.put(pb.CallbackClientMessage(result=pb.EvaluationResult(
+                    request_id=message.request.request_id, f=rosen(x),
+                    gradient=secant.to_tensor(rosen_der(x)[:-1]),
+                )))
+        outbox.put(None)
+    assert failure is not None
+    assert "gradient has shape [3], expected [4]" in failure.message
