@@ -132,13 +132,12 @@ class MetricsInterceptor(grpc.aio.ServerInterceptor):
             return grpc.unary_unary_rpc_method_handler(
                 unary_unary, handler.request_deserializer, handler.response_serializer
             )
-        if handler.unary_stream is not None:
-            inner_stream = handler.unary_stream
-
-            async def unary_stream(request, context):
+        def counted_stream(inner):
+            # Server-streaming and bidi handlers alike: the first argument is passed through.
+            async def streamed(request_or_iterator, context):
                 started, outcome = time.perf_counter(), grpc.StatusCode.UNKNOWN
                 try:
-                    async for item in inner_stream(request, context):
+                    async for item in inner(request_or_iterator, context):
                         yield item
                     outcome = grpc.StatusCode.OK
                 except (asyncio.CancelledError, GeneratorExit):  # the caller went away
@@ -147,25 +146,16 @@ class MetricsInterceptor(grpc.aio.ServerInterceptor):
                 finally:
                     record(context, started, outcome)
 
+            return streamed
+
+        if handler.unary_stream is not None:
             return grpc.unary_stream_rpc_method_handler(
-                unary_stream, handler.request_deserializer, handler.response_serializer
+                counted_stream(handler.unary_stream), handler.request_deserializer,
+                handler.response_serializer,
             )
         if handler.stream_stream is not None:
-            inner_bidi = handler.stream_stream
-
-            async def stream_stream(request_iterator, context):
-                started, outcome = time.perf_counter(), grpc.StatusCode.UNKNOWN
-                try:
-                    async for item in inner_bidi(request_iterator, context):
-                        yield item
-                    outcome = grpc.StatusCode.OK
-                except (asyncio.CancelledError, GeneratorExit):
-                    outcome = grpc.StatusCode.CANCELLED
-                    raise
-                finally:
-                    record(context, started, outcome)
-
             return grpc.stream_stream_rpc_method_handler(
-                stream_stream, handler.request_deserializer, handler.response_serializer
+                counted_stream(handler.stream_stream), handler.request_deserializer,
+                handler.response_serializer,
             )
         return handler
