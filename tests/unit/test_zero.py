@@ -1,9 +1,10 @@
 """ZeRO stages 0-3 behind zero.wrap: two gloo workers on 127.0.0.1 (torch.multiprocessing
-spawn) follow 1-worker training on the same global batch, and each worker holds the bytes the
-ZeRO formulas say."""
+spawn) follow 1-worker training on the same global batch, each worker holds the bytes the
+ZeRO formulas say, and at stage 2 each gradient ends up on its owner only."""
 
 from __future__ import annotations
 
+import contextlib
 import os
 import socket
 import tempfile
@@ -17,11 +18,7 @@ import torch.multiprocessing as mp
 from torch import nn
 
 from workers.training.large_batch import accumulate_gradients
-from workers.training.memory import (
-    MemoryProbe,
-    fsdp2_stage2_expected,
-    zero_formula,
-)
+from workers.training.memory import MemoryProbe, zero_formula
 from workers.training.zero import (
     ShardingPlan,
     ZeroStage,
@@ -38,8 +35,9 @@ SPAWN_TIMEOUT_S = 60
 
 def _mlp() -> nn.Module:
     torch.manual_seed(0)
-    return nn.Sequential(nn.Linear(8, 32), nn.Tanh(), nn.Linear(32, 32), nn.Tanh(),
-                         nn.Linear(32, 4))
+    return nn.Sequential(
+        nn.Linear(8, 32), nn.Tanh(), nn.Linear(32, 32), nn.Tanh(), nn.Linear(32, 4)
+    )
 
 
 def _data() -> tuple[torch.Tensor, torch.Tensor]:
@@ -76,8 +74,9 @@ def _run_workers(fn, *args) -> list:
     """Runs fn(rank, *args) on WORLD gloo ranks; returns each rank's result."""
     port = _free_port()
     with tempfile.TemporaryDirectory() as tmp:
-        mp.start_processes(_worker_main, args=(fn, port, tmp, *args), nprocs=WORLD,
-                           join=True, start_method="spawn")
+        mp.start_processes(
+            _worker_main, args=(fn, port, tmp, *args), nprocs=WORLD, join=True, start_method="spawn"
+        )
         results = []
         for rank in range(WORLD):
             outcome = torch.load(os.path.join(tmp, f"{rank}.pt"), weights_only=False)
@@ -90,8 +89,13 @@ def _run_workers(fn, *args) -> list:
 def _worker_main(rank: int, fn, port: int, tmp: str, *args) -> None:
     torch.set_num_threads(1)
     try:
-        dist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{port}", rank=rank,
-                                world_size=WORLD, timeout=timedelta(seconds=SPAWN_TIMEOUT_S))
+        dist.init_process_group(
+            "gloo",
+            init_method=f"tcp://127.0.0.1:{port}",
+            rank=rank,
+            world_size=WORLD,
+            timeout=timedelta(seconds=SPAWN_TIMEOUT_S),
+        )
         outcome = fn(rank, *args)
     except BaseException:  # reported to the parent test, which fails with it
         outcome = traceback.format_exc()
@@ -110,7 +114,7 @@ def _train_every_stage(rank: int) -> dict:
         losses = []
         for step in range(STEPS):
             optimizer.zero_grad()
-            xb, yb = (t[step, rank * rows:(rank + 1) * rows] for t in (X, y))
+            xb, yb = (t[step, rank * rows : (rank + 1) * rows] for t in (X, y))
             loss = nn.functional.cross_entropy(model(xb), yb)
             loss.backward()
             optimizer.step()
@@ -131,9 +135,8 @@ def _accumulated_losses(rank: int, stage: ZeroStage, param_dtype: str) -> list[f
     losses = []
     for step in range(5):
         optimizer.zero_grad()
-        xb, yb = (t[step, rank * rows:(rank + 1) * rows] for t in (X, y))
-        local = accumulate_gradients(model, nn.functional.cross_entropy, xb, yb, 2,
-                                     no_sync=no_sync)
+        xb, yb = (t[step, rank * rows : (rank + 1) * rows] for t in (X, y))
+        local = accumulate_gradients(model, nn.functional.cross_entropy, xb, yb, 2, no_sync=no_sync)
         mean = torch.tensor([local])
         dist.all_reduce(mean)
         optimizer.step()
@@ -155,8 +158,13 @@ def test_every_stage_at_two_workers_follows_one_worker_training():
             accumulated = result[("accumulated", int(stage))]
             assert accumulated == pytest.approx(expected_losses[:5], rel=1e-4, abs=1e-5)
             for name, value in expected_weights.items():
-                torch.testing.assert_close(weights[name], value, rtol=1e-4, atol=1e-5,
-                                           msg=f"stage {stage} rank {rank} {name}")
+                torch.testing.assert_close(
+                    weights[name],
+                    value,
+                    rtol=1e-4,
+                    atol=1e-5,
+                    msg=f"stage {stage} rank {rank} {name}",
+                )
     for result in results:
         assert result[("bf16", 3)] == pytest.approx(expected_losses[:5], rel=3e-2)
 
@@ -186,38 +194,96 @@ def test_each_worker_holds_what_the_zero_formula_says():
     results = _run_workers(_measure_every_stage)
 
     for reports in results:
-        for stage in (0, 1, 3):
-            report = reports[stage]
+        for stage in ZeroStage:
+            report = reports[int(stage)]
             formula = zero_formula(stage, report.parameter_count, WORLD)
             assert report.formula == formula
             assert report.measured.parameters == pytest.approx(formula.parameters, rel=0.05)
             assert report.measured.gradients == pytest.approx(formula.gradients, rel=0.05)
             assert report.measured.optimizer == pytest.approx(formula.optimizer, rel=0.05)
             assert report.ratio == pytest.approx(1.0, abs=0.05)
-        # FSDP2's SHARD_GRAD_OP: grads and Adam state as the formula; parameters are the
-        # formula's replicated 4P (gathered for forward/backward) plus the 4P/N shard the
-        # optimizer updates; between steps only the shard is held.
+        # Stage 2 is ZeRO-2 as the paper counts it: one replicated fp32 copy of the
+        # parameters, in the step and between steps (no second, sharded master copy).
         stage2 = reports[2]
-        formula = zero_formula(2, stage2.parameter_count, WORLD)
-        assert stage2.measured.gradients == pytest.approx(formula.gradients, rel=0.05)
-        assert stage2.measured.optimizer == pytest.approx(formula.optimizer, rel=0.05)
-        expected = fsdp2_stage2_expected(stage2.parameter_count, WORLD)
-        assert stage2.measured.parameters == pytest.approx(expected.parameters, rel=0.05)
-        assert stage2.at_rest_parameters == pytest.approx(formula.parameters / WORLD, rel=0.05)
+        p = stage2.parameter_count
+        assert stage2.at_rest_parameters == stage2.measured.parameters == 4 * p
+    # Every gradient is held by exactly one worker, its owner: 4P in all.
+    assert sum(reports[2].measured.gradients for reports in results) == 4 * p
 
 
-@pytest.mark.parametrize("field,value", [
-    ("stage", 4), ("stage", "2"), ("stage", True), ("param_dtype", "float8"),
-    ("bucket_cap_mb", 0),
-])
+class _TwoHeads(nn.Module):
+    """A body and two heads; `extra` is used only when asked (on one rank, below)."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        torch.manual_seed(0)
+        self.body, self.head, self.extra = nn.Linear(8, 16), nn.Linear(16, 4), nn.Linear(16, 4)
+
+    def forward(self, x: torch.Tensor, use_extra: bool = True) -> torch.Tensor:
+        h = torch.tanh(self.body(x))
+        return self.head(h) + self.extra(h) if use_extra else self.head(h)
+
+
+def _two_head_loss(model: nn.Module, rank: int, micro: int) -> torch.Tensor:
+    """Rank `rank`'s micro-batch `micro` of 2, scaled as accumulation over 2 micro-batches."""
+    X, y = _data()
+    rows = GLOBAL_BATCH // WORLD // 2
+    start = rank * 2 * rows + micro * rows
+    xb, yb = X[0, start : start + rows], y[0, start : start + rows]
+    return nn.functional.cross_entropy(model(xb, use_extra=rank == 0), yb) / 2
+
+
+def _stage2_gradients(rank: int) -> dict:
+    model, _ = wrap(_TwoHeads(), _adam, ShardingPlan(stage=2))
+    model, optimizer = wrap(model, _adam, ShardingPlan(stage=2))  # replaces the first's hooks
+    for micro in range(2):
+        with no_sync(model) if micro == 0 else contextlib.nullcontext():
+            _two_head_loss(model, rank, micro).backward()
+    grads = {
+        name: None if p.grad is None else p.grad.clone() for name, p in model.named_parameters()
+    }
+    optimizer.step()
+    return {"grads": grads, "weights": full_model_state_dict(model)}
+
+
+def test_stage_2_reduces_each_gradient_to_its_owner_only():
+    """2 micro-batches per rank, no_sync on the first (a no-op at stage 2: every micro-batch
+    is reduced), a head only rank 0 uses (rank 1 contributes zeros for it), and a model
+    wrapped twice (the second wrap's hooks replace the first's: nothing is reduced twice)."""
+    reference = _TwoHeads()
+    for rank in range(WORLD):
+        for micro in range(2):
+            (_two_head_loss(reference, rank, micro) / WORLD).backward()
+
+    results = _run_workers(_stage2_gradients)
+
+    for name, p in reference.named_parameters():
+        held = [r["grads"][name] for r in results if r["grads"][name] is not None]
+        assert len(held) == 1, name
+        torch.testing.assert_close(held[0], p.grad, rtol=1e-5, atol=1e-7, msg=name)
+    for name, value in results[0]["weights"].items():
+        torch.testing.assert_close(results[1]["weights"][name], value, rtol=0, atol=0)
+
+
+@pytest.mark.parametrize(
+    "field,value",
+    [
+        ("stage", 4),
+        ("stage", "2"),
+        ("stage", True),
+        ("param_dtype", "float8"),
+        ("bucket_cap_mb", 0),
+    ],
+)
 def test_sharding_plan_rejects_bad_settings_naming_the_field(field, value):
     with pytest.raises(ValueError, match=f"ShardingPlan.{field}"):
         ShardingPlan(**{field: value})
 
 
-def test_bf16_compute_copy_needs_a_sharded_stage():
-    with pytest.raises(ValueError, match="param_dtype"):
-        ShardingPlan(stage=1, param_dtype="bfloat16")
+def test_bf16_compute_copy_needs_sharded_parameters():
+    for stage in (1, 2):
+        with pytest.raises(ValueError, match="param_dtype"):
+            ShardingPlan(stage=stage, param_dtype="bfloat16")
     assert ShardingPlan(stage=3, param_dtype="bfloat16").stage is ZeroStage.PARAMETERS
 
 

@@ -9,12 +9,14 @@ data-parallel worker actually holds, next to the ZeRO paper's formula for its st
     report.as_dict()  # -> job event / metrics
 
 What is counted: the storage behind every tensor reachable from the model's registered
-parameters and the optimizer's parameters (so FSDP2's sharded DTensor locals and the full
-copy it gathers for forward/backward both count), their `.grad`s (DDP's bucket views counted
-once), and the optimizer state (ZeroRedundancyOptimizer: its local optimizer's state only).
-Storage is de-duplicated by address, so views and padding are counted as what they occupy.
-Activations, communication buffers and the allocator's cache are not counted; transient
-unsharded gradients inside FSDP's backward are not either.
+parameters and the optimizer's parameters (so FSDP2's sharded DTensor locals and any full
+copy it has gathered when the forward pass ends both count), their `.grad`s (DDP's bucket
+views counted once; at stage 2 only the owner holds a parameter's .grad), and the optimizer
+state (ZeroRedundancyOptimizer: its local optimizer's state only). Storage is de-duplicated
+by address, so views, flat buckets and padding are counted as what they occupy. Activations,
+communication buffers and the allocator's cache are not counted; neither are transient
+gradients inside backward (FSDP's unsharded ones; at stage 2 the reduces in flight, at most
+ShardingPlan.bucket_cap_mb).
 
 Formulas (P parameters, N workers; Adam: K = 8 bytes of fp32 state per parameter):
 
@@ -53,8 +55,9 @@ class Bytes:
         return self.parameters + self.gradients + self.optimizer
 
 
-def zero_formula(stage: int, parameters: int, world_size: int,
-                 precision: Precision | str = Precision.FP32) -> Bytes:
+def zero_formula(
+    stage: int, parameters: int, world_size: int, precision: Precision | str = Precision.FP32
+) -> Bytes:
     """Per-worker bytes the ZeRO paper's accounting predicts (Adam; see the module docstring)."""
     if stage not in (0, 1, 2, 3):
         raise ValueError(f"stage must be 0, 1, 2 or 3, got {stage!r}")
@@ -142,9 +145,13 @@ class MemoryReport:
     def as_dict(self) -> dict[str, float | int | str]:
         """Flat, for a job event or Prometheus gauges."""
         flat: dict[str, float | int | str] = {
-            "stage": self.stage, "world_size": self.world_size, "rank": self.rank,
-            "parameter_count": self.parameter_count, "precision": self.precision,
-            "at_rest_parameter_bytes": self.at_rest_parameters, "ratio": self.ratio,
+            "stage": self.stage,
+            "world_size": self.world_size,
+            "rank": self.rank,
+            "parameter_count": self.parameter_count,
+            "precision": self.precision,
+            "at_rest_parameter_bytes": self.at_rest_parameters,
+            "ratio": self.ratio,
         }
         for prefix, value in (("held", self.measured), ("formula", self.formula)):
             flat |= {f"{prefix}_{k}_bytes": v for k, v in asdict(value).items()}
@@ -160,8 +167,8 @@ def global_parameter_count(model: nn.Module) -> int:
 class MemoryProbe:
     """Measures one training step. Enter before the forward pass, leave after
     optimizer.step() and before zero_grad(); a hook on the model's forward records the
-    parameter storage held when the forward pass ends (FSDP2 at stage 2 keeps its gathered
-    copy from there through backward: the step's peak)."""
+    parameter storage held when the forward pass ends (a sharded model that keeps gathered
+    parameters from there into backward would peak there)."""
 
     def __init__(self, model: nn.Module, optimizer: Optimizer | None) -> None:
         self.model, self.optimizer = model, optimizer
@@ -182,26 +189,27 @@ class MemoryProbe:
             self._handle.remove()
             self._handle = None
 
-    def report(self, stage: int, world_size: int, rank: int = 0,
-               precision: Precision | str = Precision.FP32) -> MemoryReport:
+    def report(
+        self,
+        stage: int,
+        world_size: int,
+        rank: int = 0,
+        precision: Precision | str = Precision.FP32,
+    ) -> MemoryReport:
         now = held_bytes(self.model, self.optimizer)
-        measured = Bytes(max(self.peak_parameters, now.parameters), now.gradients,
-                         now.optimizer)
+        measured = Bytes(max(self.peak_parameters, now.parameters), now.gradients, now.optimizer)
         count = global_parameter_count(self.model)
         precision = Precision(precision)
         return MemoryReport(
-            stage=int(stage), world_size=world_size, rank=rank, parameter_count=count,
-            precision=precision.value, measured=measured,
+            stage=int(stage),
+            world_size=world_size,
+            rank=rank,
+            parameter_count=count,
+            precision=precision.value,
+            measured=measured,
             formula=zero_formula(int(stage), count, world_size, precision),
             at_rest_parameters=self.at_rest,
         )
-
-
-def fsdp2_stage2_expected(parameters: int, world_size: int) -> Bytes:
-    """What FSDP2 with reshard_after_forward=False holds at the step's peak in fp32: the
-    sharded copy (4P/N) plus the gathered copy (4P), 4P/N grads, 8P/N Adam."""
-    p, n = parameters, world_size
-    return Bytes(4 * p + 4 * p // n, 4 * p // n, 8 * p // n)
 
 
 __all__ = [
@@ -209,9 +217,7 @@ __all__ = [
     "MemoryProbe",
     "MemoryReport",
     "Precision",
-    "fsdp2_stage2_expected",
     "global_parameter_count",
     "held_bytes",
     "zero_formula",
 ]
-

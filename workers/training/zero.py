@@ -9,38 +9,45 @@ initialised torch.distributed process group (gloo on CPU, NCCL on GPU). Each ran
 its slice of the global batch; gradients are averaged, so N workers follow the 1-worker
 trajectory on the global batch up to float rounding (tests/unit/test_zero.py checks 20 steps).
 
-Which implementation runs each stage (all torch built-ins; measured in bench/zero.py):
+Which implementation runs each stage (torch built-ins plus one thin layer; measured in
+bench/zero.py, fp32 Adam, P parameters, N workers):
 
 =====  ====================================================  ================================
-stage  implementation                                        held per worker (fp32 Adam, P
-                                                             parameters, N workers)
+stage  implementation                                        held per worker
 =====  ====================================================  ================================
 0      DistributedDataParallel (gradient_as_bucket_view)     4P params + 4P grads + 8P Adam
 1      DDP + torch ZeroRedundancyOptimizer                   4P + 4P + 8P/N (whole tensors per
                                                              rank: balanced only if the
                                                              tensors split evenly)
-2      FSDP2 fully_shard(reshard_after_forward=False)        4P/N sharded params (the
-       (SHARD_GRAD_OP: params gathered once for forward      optimizer's copy) + 4P gathered
-       and kept through backward; grads reduce-scattered)    from forward to end of backward;
-                                                             4P/N grads; 8P/N Adam
+2      torch ZeroRedundancyOptimizer + reduce-to-owner       4P + 4P/N + 8P/N (the same
+       gradient hooks (_ReduceToOwner, below)                whole-tensor balance)
 3      FSDP2 fully_shard(reshard_after_forward=True)         16P/N at rest; one wrapped
        (params re-gathered in backward)                      block's 4P_block while it runs
 =====  ====================================================  ================================
 
-Stage 2 differs from the ZeRO paper's accounting (4P + 12P/N, parameters replicated): FSDP2
-keeps the sharded parameters the optimizer updates and gathers a full copy only for the
-step's forward and backward, so between steps it holds 16P/N and at its peak 4P + 16P/N.
-workers/training/memory.py measures both.
+Why stage 2 is not a library call: ZeRO-2 as the paper defines it keeps the parameters
+replicated (4P), reduces each gradient to the one rank that updates it (4P/N) and shards the
+optimizer state (8P/N). The well-kept implementations keep a second, sharded fp32 copy of the
+parameters beside that: FSDP2 with reshard_after_forward=False updates a 4P/N shard and
+gathers a full 4P copy from forward to end of backward (measured 4P + 16P/N, 1.20x the
+formula at N = 2); DeepSpeed's stage 2 clones an fp32 partition as master weights even in
+fp32 (and needs a g++ build of its ops on CPU; FACTS: 1.55x DDP's step). So stage 2 here
+reuses ZeroRedundancyOptimizer for everything but the gradient path (its parameter-to-rank
+partition, the sharded step, the parameter broadcast after it, its consolidated state dict)
+and adds one hook pair per parameter (_ReduceToOwner): each fresh gradient is divided by N
+and reduced (async) to the rank that owns it, added into that rank's .grad, and dropped on the
+others. Gradient accumulation works DeepSpeed's way: every micro-batch is reduced into the
+owner's .grad (no_sync is a no-op at stage 2), so no worker ever holds a full gradient.
 
 Where it plugs in: a training spec's `scaling` section (large_batch.ScalingSpec) runs
 loop._Run.scaled, which calls `wrap(model, factory, plan)` instead of the hand all-reduce
-(DDP / FSDP2 average in backward), large_batch.accumulate_gradients with `no_sync`, and
-reports memory.MemoryProbe's numbers as a job event (distributed.MemoryReport). Checkpoints at
-stages 1-3: `full_model_state_dict` gathers the weights and `full_optimizer_state_dict` the
-optimizer state (ZeroRedundancyOptimizer.consolidate_state_dict(to=0); FSDP2:
-torch.distributed.checkpoint's full optimizer state dict, re-keyed by parameter index), both
-collective; `load_full_optimizer_state_dict` puts a whole state back, each rank keeping its
-shard.
+(DDP / the stage-2 hooks / FSDP2 average in backward), large_batch.accumulate_gradients with
+`no_sync`, and reports memory.MemoryProbe's numbers as a job event (distributed.MemoryReport).
+Checkpoints at stages 1-3: `full_model_state_dict` gathers the weights and
+`full_optimizer_state_dict` the optimizer state (stages 1-2: ZeroRedundancyOptimizer.
+consolidate_state_dict(to=0); stage 3: torch.distributed.checkpoint's full optimizer state
+dict, re-keyed by parameter index), both collective; `load_full_optimizer_state_dict` puts a
+whole state back, each rank keeping its shard.
 
 DeepSpeed 0.19 also runs ZeRO 1-3 on CPU, but needs a g++ build of its ops on first use and
 measured slower here (FACTS: stage 2 1.55x, stage 3 2.04x DDP's step), so it is not used.
@@ -48,7 +55,11 @@ measured slower here (FACTS: stage 2 1.55x, stage 3 2.04x DDP's step), so it is 
 
 from __future__ import annotations
 
+import contextlib
 import enum
+import functools
+import weakref
+from collections import deque
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass
 from typing import Any
@@ -73,9 +84,9 @@ class ZeroStage(enum.IntEnum):
 
 
 class ParamDtype(enum.Enum):
-    """Dtype of the gathered compute copy of the parameters for stages 2 and 3 (FSDP2
-    MixedPrecisionPolicy); the sharded copy the optimizer updates stays float32. Stages 0 and
-    1 keep float32 parameters: use large_batch.autocast for bf16 compute there."""
+    """Dtype of the gathered compute copy of the parameters at stage 3 (FSDP2
+    MixedPrecisionPolicy); the sharded copy the optimizer updates stays float32. Stages 0-2
+    keep replicated float32 parameters: use large_batch.autocast for bf16 compute there."""
 
     FLOAT32 = "float32"
     BFLOAT16 = "bfloat16"
@@ -86,9 +97,11 @@ class ParamDtype(enum.Enum):
 class ShardingPlan:
     """How to shard one data-parallel training job.
 
-    stage: 0-3 (ZeroStage). param_dtype: compute copy dtype for stages 2-3 (float32 default).
-    bucket_cap_mb: DDP gradient bucket size for stages 0-1 (torch's default 25 MB).
-    shard_modules: module classes each given their own FSDP unit at stages 2-3 (one all-gather
+    stage: 0-3 (ZeroStage). param_dtype: compute copy dtype for stage 3 (float32 default).
+    bucket_cap_mb: DDP gradient bucket size for stages 0-1 (torch's default 25 MB); at stage 2
+    the most gradient bytes reduced but not yet waited on (the transient gradient memory of
+    backward, beyond the 4P/N each rank keeps).
+    shard_modules: module classes each given their own FSDP unit at stage 3 (one all-gather
     per unit; the root holds what is left); default: every module that directly owns
     parameters (nn.Linear, nn.Conv2d, nn.LayerNorm, nn.Embedding, ...), except that a zoo
     transformer's blocks are units as a whole.
@@ -111,10 +124,10 @@ class ShardingPlan:
                 f"ShardingPlan.param_dtype must be one of {[d.value for d in ParamDtype]}, "
                 f"got {self.param_dtype!r}"
             ) from exc
-        if self.param_dtype is not ParamDtype.FLOAT32 and self.stage < ZeroStage.GRADIENTS:
+        if self.param_dtype is not ParamDtype.FLOAT32 and self.stage < ZeroStage.PARAMETERS:
             raise ValueError(
-                "ShardingPlan.param_dtype other than float32 needs stage 2 or 3 (stages 0-1 "
-                "keep float32 parameters; use bf16 autocast for their compute)"
+                "ShardingPlan.param_dtype other than float32 needs stage 3 (stages 0-2 keep "
+                "replicated float32 parameters; use bf16 autocast for their compute)"
             )
         cap = self.bucket_cap_mb
         if isinstance(cap, bool) or not isinstance(cap, int | float) or not 0 < cap <= 4096:
@@ -129,7 +142,7 @@ class ShardingPlan:
         return {
             ZeroStage.DDP: "DistributedDataParallel",
             ZeroStage.OPTIMIZER: "DDP + ZeroRedundancyOptimizer",
-            ZeroStage.GRADIENTS: "FSDP2 fully_shard(reshard_after_forward=False)",
+            ZeroStage.GRADIENTS: "ZeroRedundancyOptimizer + reduce-to-owner grad hooks",
             ZeroStage.PARAMETERS: "FSDP2 fully_shard(reshard_after_forward=True)",
         }[ZeroStage(self.stage)]
 
@@ -145,7 +158,9 @@ def wrap(
     """Shards `model` and its optimizer across `process_group` (default: the world) as `plan`
     says; returns the (wrapped model, optimizer) to train with. `optimizer_factory(params)`
     builds the per-worker optimizer (called on this worker's shard at stages 1-3). The model
-    must already be on its device, identical on every rank; wrap moves nothing.
+    must already be on its device, identical on every rank; wrap moves nothing. At stage 2 the
+    model is returned as it is (hooks on its parameters do the communication; wrapping it
+    again replaces them).
     `group_params(params)` (optional) splits the trainable parameters into param groups
     (e.g. large_batch.exclude_bias_and_norm's); the factory then receives those groups (at
     stage 1: this rank's part of each group, as ZeroRedundancyOptimizer partitions them)."""
@@ -172,17 +187,29 @@ def wrap(
         if stage == ZeroStage.DDP:
             return ddp, optimizer_factory(grouped(params))
         return ddp, _zero_optimizer(grouped(params), optimizer_factory, group)
-    sharded = _fully_shard(model, stage, plan, group, device)
-    return sharded, optimizer_factory(grouped([p for p in sharded.parameters()
-                                               if p.requires_grad]))
+    if stage == ZeroStage.GRADIENTS:
+        if model in _REDUCERS:  # wrapped before (a new optimizer): the new hooks replace
+            _REDUCERS.pop(model).remove()
+        same_dtype = len({p.dtype for p in params}) == 1
+        optimizer = _zero_optimizer(
+            grouped(params), optimizer_factory, group, bucket_view=same_dtype
+        )
+        _REDUCERS[model] = _ReduceToOwner(params, optimizer, group, int(plan.bucket_cap_mb * 2**20))
+        return model, optimizer
+    sharded = _fully_shard(model, plan, group, device)
+    return sharded, optimizer_factory(grouped([p for p in sharded.parameters() if p.requires_grad]))
 
 
-def _zero_optimizer(params: list, factory: OptimizerFactory,
-                    group: dist.ProcessGroup) -> ZeroRedundancyOptimizer:
+def _zero_optimizer(
+    params: list, factory: OptimizerFactory, group: dist.ProcessGroup, bucket_view: bool = False
+) -> ZeroRedundancyOptimizer:
+    # bucket_view: each rank's parameters become views of one flat tensor, so the broadcast
+    # after the step is one call per rank instead of one per parameter (same 4P).
     optimizer = ZeroRedundancyOptimizer(
         params,
         optimizer_class=lambda groups, **_: factory(groups),
         process_group=group,
+        parameters_as_bucket_view=bucket_view,
     )
     # ZeroRedundancyOptimizer's own groups start without hyperparameters (it copies them to
     # its local optimizer on each step); give them the local ones so LR schedules can read
@@ -192,6 +219,129 @@ def _zero_optimizer(params: list, factory: OptimizerFactory,
             if key != "params":
                 outer.setdefault(key, value)
     return optimizer
+
+
+class _ReduceToOwner:
+    """Stage 2's gradient path: each parameter's gradient from one backward is divided by N
+    (as DDP averages) and reduced, asynchronously, to the rank whose ZeroRedundancyOptimizer
+    shard owns the parameter; that rank adds it into the parameter's .grad and the others drop
+    it. After backward returns, .grad holds the averaged gradient on its owner and is None
+    elsewhere, so optimizer.step() (ZeroRedundancyOptimizer's: the local step, then the
+    parameter broadcast) sees exactly the gradients it needs.
+
+    Hooks, per parameter: a tensor hook (runs before autograd adds into .grad) moves the
+    owner's .grad from earlier micro-batches aside, so autograd's .grad is this backward's
+    gradient alone; a post-accumulate-grad hook divides it by N in place and marks it ready.
+    Reduces are launched in one fixed order (reverse registration order, the order backward
+    usually meets them: every rank issues the same collectives in the same order, whatever
+    order its hooks fire in). At most `cap_bytes` of gradients are in flight; past that the
+    oldest reduce is waited on and its buffer freed. An end-of-backward callback launches what
+    is left (a parameter that got no gradient on this rank contributes zeros, so the ranks
+    stay in step) and waits for everything.
+
+    Costs: per backward one reduce per parameter (the reduce-scatter half of DDP's all-reduce,
+    whole tensors; the broadcast after the step is the all-gather half), so accumulation over
+    k micro-batches communicates k times; held: the owner's accumulated .grad (4P/N) plus at
+    most `cap_bytes` in flight. A rank whose backward reaches none of the parameters would
+    leave the others waiting: every rank's backward must touch the model."""
+
+    def __init__(
+        self,
+        params: list[nn.Parameter],
+        optimizer: ZeroRedundancyOptimizer,
+        group: dist.ProcessGroup,
+        cap_bytes: int,
+    ) -> None:
+        self.group = group
+        self.world = dist.get_world_size(group)
+        rank = dist.get_rank(group)
+        owner = {
+            p: r
+            for r, groups in enumerate(optimizer._partition_parameters())
+            for g in groups
+            for p in g["params"]
+        }
+        self.params = list(reversed(params))
+        self.dst = [dist.get_global_rank(group, owner[p]) for p in self.params]
+        self.mine = [owner[p] == rank for p in self.params]
+        self.cap_bytes = cap_bytes
+        self.ready = [False] * len(self.params)
+        self.next = 0  # the next index to launch
+        self.aside: dict[int, torch.Tensor] = {}  # owner's .grad from earlier micro-batches
+        self.pending: deque[tuple[Any, int, torch.Tensor]] = deque()
+        self.in_flight = 0
+        self.callback_queued = False
+        self.handles = []
+        for i, p in enumerate(self.params):
+            self.handles.append(p.register_hook(functools.partial(self._before_accumulate, i)))
+            self.handles.append(
+                p.register_post_accumulate_grad_hook(functools.partial(self._after_accumulate, i))
+            )
+
+    def remove(self) -> None:
+        for handle in self.handles:
+            handle.remove()
+        self.handles = []
+
+    def _before_accumulate(self, i: int, grad: torch.Tensor) -> None:
+        p = self.params[i]
+        if p.grad is not None:
+            self.aside[i] = p.grad
+            p.grad = None
+
+    def _after_accumulate(self, i: int, p: nn.Parameter) -> None:
+        if p.grad is None:  # the tensor hook and this one run in pairs; be safe
+            return
+        if self.world > 1:
+            p.grad.div_(self.world)
+        self.ready[i] = True
+        if not self.callback_queued:
+            self.callback_queued = True
+            torch.autograd.Variable._execution_engine.queue_callback(self._finish)
+        while self.next < len(self.params) and self.ready[self.next]:
+            self._launch(self.next)
+
+    def _launch(self, i: int) -> None:
+        p = self.params[i]
+        if self.ready[i]:
+            tensor, p.grad = p.grad, None
+        else:  # no gradient on this rank in this backward
+            if p.grad is not None:
+                self.aside[i], p.grad = p.grad, None
+            tensor = torch.zeros_like(p)
+        work = dist.reduce(tensor, dst=self.dst[i], group=self.group, async_op=True)
+        self.pending.append((work, i, tensor))
+        self.in_flight += tensor.numel() * tensor.element_size()
+        self.next = i + 1
+        while self.in_flight > self.cap_bytes and len(self.pending) > 1:
+            self._complete_oldest()
+
+    def _complete_oldest(self) -> None:
+        work, i, tensor = self.pending.popleft()
+        work.wait()
+        self.in_flight -= tensor.numel() * tensor.element_size()
+        earlier = self.aside.pop(i, None)
+        if self.mine[i]:
+            p = self.params[i]
+            if earlier is None:
+                p.grad = tensor
+            else:
+                p.grad = earlier.add_(tensor)
+
+    def _finish(self) -> None:
+        try:
+            while self.next < len(self.params):
+                self._launch(self.next)
+            while self.pending:
+                self._complete_oldest()
+        finally:
+            self.ready = [False] * len(self.params)
+            self.next = 0
+            self.callback_queued = False
+
+
+# The models wrapped at stage 2 and their hooks (a second wrap removes the first's).
+_REDUCERS: weakref.WeakKeyDictionary[nn.Module, _ReduceToOwner] = weakref.WeakKeyDictionary()
 
 
 def _default_units(model: nn.Module) -> list[nn.Module]:
@@ -211,8 +361,9 @@ def _default_units(model: nn.Module) -> list[nn.Module]:
     return units
 
 
-def _fully_shard(model: nn.Module, stage: ZeroStage, plan: ShardingPlan,
-                 group: dist.ProcessGroup, device: torch.device) -> nn.Module:
+def _fully_shard(
+    model: nn.Module, plan: ShardingPlan, group: dist.ProcessGroup, device: torch.device
+) -> nn.Module:
     from torch.distributed.device_mesh import DeviceMesh
     from torch.distributed.fsdp import MixedPrecisionPolicy, fully_shard
 
@@ -222,25 +373,22 @@ def _fully_shard(model: nn.Module, stage: ZeroStage, plan: ShardingPlan,
         param_dtype=None if dtype is ParamDtype.FLOAT32 else getattr(torch, dtype.value),
         reduce_dtype=torch.float32,
     )
-    reshard = stage == ZeroStage.PARAMETERS
     if plan.shard_modules is None:
         units = _default_units(model)
     else:
-        units = [m for m in model.modules()
-                 if m is not model and isinstance(m, plan.shard_modules)]
+        units = [m for m in model.modules() if m is not model and isinstance(m, plan.shard_modules)]
     for unit in reversed(units):  # innermost first, as fully_shard expects
-        fully_shard(unit, mesh=mesh, reshard_after_forward=reshard, mp_policy=policy)
-    fully_shard(model, mesh=mesh, reshard_after_forward=reshard, mp_policy=policy)
+        fully_shard(unit, mesh=mesh, reshard_after_forward=True, mp_policy=policy)
+    fully_shard(model, mesh=mesh, reshard_after_forward=True, mp_policy=policy)
     return model
 
 
 def no_sync(model: nn.Module):
-    """Context in which backward accumulates local gradients without communicating (for all
-    but the last micro-batch of gradient accumulation): DDP's no_sync, FSDP2's
-    set_requires_gradient_sync(False). At stages 2-3 this holds unsharded gradients (4P) until
-    the synchronising micro-batch."""
-    import contextlib
-
+    """Context for all but the last micro-batch of gradient accumulation. Stages 0-1 (DDP's
+    no_sync) and 3 (FSDP2's set_requires_gradient_sync(False)): backward accumulates local
+    gradients without communicating, holding unsharded gradients (4P) until the synchronising
+    micro-batch. Stage 2: no change; every micro-batch is reduced into the owner's gradient
+    (DeepSpeed's ZeRO-2 does the same), one reduce per micro-batch, gradients stay 4P/N."""
     if isinstance(model, DistributedDataParallel):
         return model.no_sync()
     if hasattr(model, "set_requires_gradient_sync"):
@@ -283,8 +431,8 @@ def _optimizer_names(model: nn.Module, optimizer: Optimizer) -> list[str]:
 def full_optimizer_state_dict(model: nn.Module, optimizer: Optimizer) -> dict | None:
     """The whole optimizer state as a plain torch state_dict (state keyed by parameter index,
     as an unsharded optimizer over the same parameters would write it), for a checkpoint.
-    Collective at stages 1-3: every rank must call it. Stage 1: consolidated onto rank 0
-    (ZeroRedundancyOptimizer.consolidate_state_dict(to=0)); other ranks get None. Stages 2-3:
+    Collective at stages 1-3: every rank must call it. Stages 1-2: consolidated onto rank 0
+    (ZeroRedundancyOptimizer.consolidate_state_dict(to=0)); other ranks get None. Stage 3:
     torch.distributed.checkpoint's full optimizer state dict, gathered on every rank.
     Costs the optimizer's unsharded state (8P for Adam) on the receiving rank(s)."""
     if isinstance(optimizer, ZeroRedundancyOptimizer):
@@ -294,20 +442,21 @@ def full_optimizer_state_dict(model: nn.Module, optimizer: Optimizer) -> dict | 
         return optimizer.state_dict()
     from torch.distributed.checkpoint.state_dict import StateDictOptions, get_optimizer_state_dict
 
-    full = get_optimizer_state_dict(model, optimizer,
-                                    options=StateDictOptions(full_state_dict=True))
+    full = get_optimizer_state_dict(
+        model, optimizer, options=StateDictOptions(full_state_dict=True)
+    )
     index = {name: i for i, name in enumerate(_optimizer_names(model, optimizer))}
     return {
         "state": {index[name]: entries for name, entries in full["state"].items()},
-        "param_groups": [{**g, "params": [index[name] for name in g["params"]]}
-                         for g in full["param_groups"]],
+        "param_groups": [
+            {**g, "params": [index[name] for name in g["params"]]} for g in full["param_groups"]
+        ],
     }
 
 
-def load_full_optimizer_state_dict(model: nn.Module, optimizer: Optimizer,
-                                   state: dict) -> None:
+def load_full_optimizer_state_dict(model: nn.Module, optimizer: Optimizer, state: dict) -> None:
     """Loads what full_optimizer_state_dict returned (every rank passes the same whole state;
-    each keeps its shard). Collective at stages 2-3."""
+    each keeps its shard). Collective at stage 3."""
     if not _is_fsdp(model) or isinstance(optimizer, ZeroRedundancyOptimizer):
         optimizer.load_state_dict(state)
         return
@@ -316,11 +465,13 @@ def load_full_optimizer_state_dict(model: nn.Module, optimizer: Optimizer,
     names = _optimizer_names(model, optimizer)
     full = {
         "state": {names[int(i)]: entries for i, entries in state["state"].items()},
-        "param_groups": [{**g, "params": [names[int(i)] for i in g["params"]]}
-                         for g in state["param_groups"]],
+        "param_groups": [
+            {**g, "params": [names[int(i)] for i in g["params"]]} for g in state["param_groups"]
+        ],
     }
-    set_optimizer_state_dict(model, optimizer, optim_state_dict=full,
-                             options=StateDictOptions(full_state_dict=True))
+    set_optimizer_state_dict(
+        model, optimizer, optim_state_dict=full, options=StateDictOptions(full_state_dict=True)
+    )
 
 
 __all__ = [
