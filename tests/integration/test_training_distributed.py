@@ -174,7 +174,7 @@ SCALED_JOB = {"model": {"kind": "mlp", "sizes": [64, 32, 10]},
                           "base_batch_size": 16, "warmup": {"kind": "linear", "steps": 3}}}
 
 
-@pytest.mark.parametrize("stage", [1, 3])
+@pytest.mark.parametrize("stage", [1, 2, 3])
 def test_zero_stage_job_follows_one_worker_training_and_reports_memory(ray_cluster, digits,
                                                                        tmp_path, stage):
     """2 workers x 2 micro-batches of 8 = the 1-worker run's global batch of 32; stage 1
@@ -192,8 +192,14 @@ def test_zero_stage_job_follows_one_worker_training_and_reports_memory(ray_clust
     [memory] = [e for e in events if isinstance(e, MemoryReport)]
     assert (memory.zero_stage, memory.workers, memory.effective_batch) == (stage, 2, 32)
     p = memory.parameter_count
-    assert memory.formula_bytes == {1: 8 * p + 8 * p // 2, 3: 16 * p // 2}[stage]
-    assert memory.grad_bytes == ((4 * p, 4 * p) if stage == 1 else (2 * p, 2 * p))
+    assert memory.formula_bytes == {1: 8 * p + 8 * p // 2, 2: 4 * p + 12 * p // 2,
+                                    3: 16 * p // 2}[stage]
+    if stage == 2:
+        # Whole tensors are reduced to their owner: the split follows tensor sizes, the sum
+        # over the workers is one full set of gradients.
+        assert memory.param_bytes == (4 * p, 4 * p) and sum(memory.grad_bytes) == 4 * p
+    else:
+        assert memory.grad_bytes == ((4 * p, 4 * p) if stage == 1 else (2 * p, 2 * p))
     assert sum(memory.optimizer_bytes) == pytest.approx(8 * p, rel=0.01)  # Adam, sharded
     metrics = memory.as_metrics()
     assert metrics["mem_formula_bytes"] == memory.formula_bytes

@@ -125,9 +125,18 @@ def autocast(device: torch.device | str, precision: Precision | str):
     return torch.autocast(device_type=device_type, dtype=dtype)
 
 
-def grad_scaler(device: torch.device | str, precision: Precision | str):
-    """A GradScaler for fp16 on CUDA; None otherwise (bf16 and fp32 need no loss scaling)."""
+def grad_scaler(device: torch.device | str, precision: Precision | str, *,
+                sharded_gradients: bool = False):
+    """A GradScaler for fp16 on CUDA; None otherwise (bf16 and fp32 need no loss scaling).
+
+    With gradients sharded across ranks (ZeRO stages 2-3) each rank sees only its shard, so
+    the inf/NaN check must be agreed on by all ranks: ShardedGradScaler all-reduces it, and
+    every rank skips (or takes) the same steps, keeping the collectives in step."""
     if Precision(precision) is Precision.FP16 and torch.device(device).type == "cuda":
+        if sharded_gradients:
+            from torch.distributed.fsdp.sharded_grad_scaler import ShardedGradScaler
+
+            return ShardedGradScaler("cuda")
         return torch.amp.GradScaler("cuda")
     return None
 
