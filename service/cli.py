@@ -58,6 +58,11 @@ def _serve_parser() -> argparse.ArgumentParser:
     parser.add_argument("--trust-code", action="store_true",
                         help="accept torch.export and cloudpickle objectives (they run caller "
                         "code) from callers with the trust-code role")
+    parser.add_argument("--data-root", default=None, metavar="DIR",
+                        help="let training specs name a data file (data_uri: .npz or "
+                        ".safetensors holding X and y) under DIR, read by the Ray workers "
+                        "(every caller with the train role can read every file under it; "
+                        "default: data URIs are refused)")
     parser.add_argument("--tokens", default=None, metavar="FILE",
                         help="turn auth on: bearer tokens (hashed) with callers and roles; "
                         "see `secant tokens add`. Re-read when it changes")
@@ -108,6 +113,7 @@ def serve(argv: list[str]) -> int:
         num_cpus=args.num_cpus,
         workers=args.workers,
         trust_code=args.trust_code,
+        data_root=args.data_root,
         tokens=args.tokens,
         allow_remote_without_auth=args.allow_remote_without_auth,
         tls_cert=args.tls_cert,

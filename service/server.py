@@ -51,6 +51,8 @@ class GatewayConfig:
     num_cpus: int | None = None  # embedded Ray only; None: every core
     workers: int = 0  # warm solver processes; 0: one per CPU Ray reports
     trust_code: bool = False
+    # Training data files (a spec's data_uri) are read only under this directory; None: off.
+    data_root: str | None = None
     # Auth: a tokens file (service.auth); None runs without auth, which only loopback allows.
     tokens: str | None = None
     allow_remote_without_auth: bool = False
@@ -94,6 +96,8 @@ def check_config(config: GatewayConfig) -> None:
             raise ValueError(f"{flag} {path}: no such file")
     if config.tokens is not None:
         parse_tokens(Path(config.tokens).read_text(), config.tokens)  # a broken file: refuse
+    if config.data_root is not None and not Path(config.data_root).expanduser().is_dir():
+        raise ValueError(f"--data-root {config.data_root}: no such directory")
     if not _is_loopback(config.host) and config.tokens is None:
         if not config.allow_remote_without_auth:
             raise ValueError(
@@ -195,7 +199,11 @@ class Gateway:
             ],
         )
         callbacks = CallbackJobs(self.jobs, config.limits, config.callbacks)
-        training = TrainingJobs(self.jobs, config.limits, self._artifacts_dir())
+        training = TrainingJobs(
+            self.jobs, config.limits, self._artifacts_dir(), trusted=config.trust_code,
+            data_root=None if config.data_root is None
+            else str(Path(config.data_root).expanduser()),
+        )
         servicer = OptimizerServicer(
             self.jobs, config.limits, trusted=config.trust_code, callbacks=callbacks,
             training=training,

@@ -6,6 +6,13 @@ its work is `workers.training.distributed.run_training_job`, which forms a group
 events hop back to the event loop. Step events become `metrics` job events (a scaled job's
 MemoryReport too, at step 0); the trained weights are stored as the artifact
 "weights.safetensors" next to the job store.
+
+Two parts of a spec need the server's consent, checked before a job exists:
+- a caller's own module (`model.kind` torch_export or pickle) loads only on a server started
+  with --trust-code and from a caller with the trust-code role (the objectives' rule); it is
+  loaded once here to check it, then on every worker;
+- `data_uri` names a file under the server's --data-root (off by default); the gateway checks
+  the URI, the root and the file's header, and the workers read the file.
 """
 
 from __future__ import annotations
@@ -25,7 +32,7 @@ from google.protobuf import json_format
 from secant.v1 import optimizer_pb2 as pb
 from service.errors import JobNotFound, LimitExceeded
 from service.jobs import JobManager
-from service.validation import Limits, decode_tensor
+from service.validation import Limits, decode_tensor, require_code_trust
 
 log = logging.getLogger("secant.training")
 
@@ -44,6 +51,7 @@ class TrainJobSpec:
     workers: int
     device: str
     labels: dict[str, str] = field(default_factory=dict)
+    trusted: bool = False  # the model is the caller's code and this caller may run it
 
     @property
     def method(self) -> str:
@@ -56,11 +64,17 @@ class TrainJobSpec:
         return 0
 
 
-def validate_train_request(request: pb.TrainRequest, limits: Limits) -> TrainJobSpec:
-    """Turns a TrainRequest into a checked spec; ValueError naming the field."""
+def validate_train_request(request: pb.TrainRequest, limits: Limits, *, trusted: bool = False,
+                           data_root: str | None = None) -> TrainJobSpec:
+    """Turns a TrainRequest into a checked spec; ValueError naming the field, PermissionError
+    for a caller's module this server or caller may not run (`trusted`: --trust-code) or a
+    data_uri it may not read (`data_root`: --data-root; None refuses every data_uri). A
+    caller's module is loaded here to check it (it runs the caller's code, as a trusted
+    objective's validation does); a data file's header is read, not its tensors."""
+    from workers.training.datasets import inspect_data_file, resolve_data_uri
     from workers.training.distributed import JOB_KEYS
-    from workers.training.loop import TrainSpec
-    from workers.training.models import parse_model_spec
+    from workers.training.loop import TrainSpec, check_model_plan
+    from workers.training.models import build_model, is_code_model, parse_model_spec
 
     raw = json_format.MessageToDict(request.spec)
     spec = _integers(raw)
@@ -86,17 +100,40 @@ def validate_train_request(request: pb.TrainRequest, limits: Limits) -> TrainJob
         # The zoo's models train in float32; class labels stay integers.
         data = {name: array.astype(np.float32) if array.dtype.kind == "f" else array
                 for name, array in data.items()}
+    code_model = is_code_model(spec.get("model"))
+    if code_model:  # before anything reads the bytes
+        require_code_trust(f"spec.model.kind {spec['model']['kind']!r}", trusted=trusted,
+                           instead="name a zoo model (mlp, cnn, autoencoder, transformer)")
     train_spec = {k: v for k, v in spec.items() if k not in JOB_KEYS}
     try:
         parsed = TrainSpec.parse(train_spec)
         parse_model_spec(parsed.model)
     except ValueError as exc:
         raise ValueError(f"spec: {exc}") from None
-    if data is None and "dataset" not in spec:
-        raise ValueError(
-            "spec.dataset: name a bundled dataset (digits, breast_cancer) or send data"
-        )
-    return TrainJobSpec(spec=spec, data=data, workers=workers, device=device)
+    sources = [name for name, given in (("data", data is not None),
+                                        ("spec.dataset", "dataset" in spec),
+                                        ("spec.data_uri", "data_uri" in spec)) if given]
+    if not sources:
+        raise ValueError("spec.dataset: name a bundled dataset (digits, breast_cancer), send"
+                         " data (X, y) or give a data_uri")
+    if len(sources) > 1:
+        raise ValueError(f"{sources[1]}: give one of data, spec.dataset and spec.data_uri, got"
+                         f" {' and '.join(sources)}")
+    if "data_uri" in spec:
+        try:
+            inspect_data_file(resolve_data_uri(spec["data_uri"], data_root))
+        except (ValueError, PermissionError) as exc:
+            raise type(exc)(f"spec.{exc}") from None
+    if code_model:
+        try:
+            module = build_model(parsed.model, trusted=True)  # trust was checked above
+        except ValueError as exc:
+            raise ValueError(f"spec.model: {exc}") from None
+        try:
+            check_model_plan(module, parsed)
+        except ValueError as exc:
+            raise ValueError(f"spec: {exc}") from None
+    return TrainJobSpec(spec=spec, data=data, workers=workers, device=device, trusted=code_model)
 
 
 def _integers(value):
@@ -111,15 +148,21 @@ def _integers(value):
 
 
 class TrainingJobs:
-    def __init__(self, jobs: JobManager, limits: Limits, artifacts_dir: str | Path) -> None:
+    def __init__(self, jobs: JobManager, limits: Limits, artifacts_dir: str | Path, *,
+                 trusted: bool = False, data_root: str | Path | None = None) -> None:
         self._jobs = jobs
         self._limits = limits
         self._artifacts = Path(artifacts_dir)
+        self._trusted = trusted  # --trust-code
+        self._data_root = None if data_root is None else str(Path(data_root).resolve())
         self._tasks: set[asyncio.Task] = set()
 
     async def submit(self, request: pb.TrainRequest, caller=None) -> str:
-        """Validates and stores the job, starts it; returns its id."""
-        spec = validate_train_request(request, self._limits)
+        """Validates and stores the job, starts it; returns its id. Validation runs on a
+        thread (it may load a caller's module or read a data file's header); the caller's
+        context (service.auth's contextvar) goes with it."""
+        spec = await asyncio.to_thread(validate_train_request, request, self._limits,
+                                       trusted=self._trusted, data_root=self._data_root)
         job, live = await self._jobs.create_training_job(spec, request, caller=caller)
         if live is not None:
             task = asyncio.create_task(self._run(live), name=f"train-{job.job_id}")
@@ -180,10 +223,13 @@ class TrainingJobs:
             outcome = await asyncio.to_thread(
                 run_training_job, spec.spec, spec.data, workers=spec.workers, emit=emit,
                 should_stop=stop.is_set, checkpoint_dir=str(directory / "checkpoints"),
-                use_gpu=spec.device == "cuda",
+                use_gpu=spec.device == "cuda", data_root=self._data_root, trusted=spec.trusted,
             )
         except ValueError as exc:
             await self._jobs.finish_failed(live, "INVALID_ARGUMENT", f"spec: {exc}")
+            return
+        except PermissionError as exc:  # a data file moved out of the root since validation
+            await self._jobs.finish_failed(live, "PERMISSION_DENIED", f"spec: {exc}")
             return
         except TrainingJobError as exc:
             await self._jobs.finish_failed(live, "ABORTED", str(exc))

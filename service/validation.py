@@ -238,6 +238,23 @@ def validate_problem(
     )
 
 
+def require_code_trust(where: str, *, trusted: bool, instead: str) -> None:
+    """PermissionError unless this server runs caller code (started with --trust-code) and the
+    caller, when auth is on, has the `trust-code` role: the objectives' rule (validate_problem),
+    for training's own modules. `instead` says what to send instead."""
+    if not trusted:
+        raise PermissionError(
+            f"{where}: this server runs caller code only when started with --trust-code;"
+            f" {instead}"
+        )
+    caller = current_caller()
+    if caller is not None and "trust-code" not in caller.roles:
+        raise PermissionError(
+            f"{where}: caller {caller.name!r} lacks the role 'trust-code' that requests"
+            f" carrying code need; {instead}"
+        )
+
+
 def _check_common(problem: pb.Problem, limits: Limits, where: str, kind: str):
     """x0, dtype, device, bounds, method and options: what every kind of solve shares."""
     if not problem.HasField("x0"):

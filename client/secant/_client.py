@@ -202,8 +202,11 @@ class Client:
         """Trains a model and returns the finished run (metrics, step history, weights).
 
         ``spec`` (a dict or a YAML file): model, loss, optimizer, batch_size, steps/epochs,
-        seed, validation_fraction, ``dataset`` or ``data={"X": X, "y": y}``, ``workers``,
-        ``checkpoint_every`` (docs/training.md).
+        seed, validation_fraction, ``dataset``, ``data_uri`` (a file under the server's
+        --data-root) or ``data={"X": X, "y": y}``, ``workers``, ``checkpoint_every``
+        (docs/training.md). ``spec["model"]`` may be a zoo dict or, on a server started with
+        --trust-code, your own ``torch.nn.Module`` (sent pickled) or
+        ``torch.export.ExportedProgram``; ``run.model()`` then returns it with the weights.
         """
         spec = load_train_spec(spec)
         request = build_train_request(spec, data, new_idempotency_key())

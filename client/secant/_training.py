@@ -1,7 +1,18 @@
-"""Training jobs from the SDK: ``client.train(spec, data)`` -> ``TrainRun``."""
+"""Training jobs from the SDK: ``client.train(spec, data)`` -> ``TrainRun``.
+
+``spec["model"]`` is a zoo model (a dict) or, for trusted callers on a server started with
+--trust-code, the caller's own module: a ``torch.nn.Module`` (sent pickled with ``torch.save``;
+its classes travel by value through cloudpickle when it is installed) or a
+``torch.export.ExportedProgram`` (sent as ``torch.export.save`` bytes; export it with a dynamic
+batch dimension). Either goes as base64 text in the spec (docs/training.md).
+"""
 
 from __future__ import annotations
 
+import base64
+import copy
+import io
+import sys
 from collections.abc import Iterable, Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -10,7 +21,7 @@ from typing import Any
 from google.protobuf import struct_pb2
 
 from secant._errors import SecantError, status_code_from_name
-from secant._problem import to_struct
+from secant._problem import _LIBRARIES, to_struct
 from secant._tensors import to_tensor
 from secant.v1 import optimizer_pb2 as pb
 
@@ -27,9 +38,68 @@ def load_train_spec(spec: Mapping[str, Any] | str | Path) -> dict:
     return dict(spec)
 
 
+def model_spec(model: Any) -> Any:
+    """The wire form of ``spec["model"]``: a zoo dict as it is; an ExportedProgram as
+    ``{"kind": "torch_export", "program": base64}``; an nn.Module as ``{"kind": "pickle",
+    "module": base64}``. Cost: one serialization of the module (its parameters included) and
+    a third more for base64."""
+    if isinstance(model, Mapping):
+        return model
+    torch = sys.modules.get("torch")  # a module object means torch is already imported
+    if torch is not None:
+        import torch.export
+
+        if isinstance(model, torch.export.ExportedProgram):
+            buffer = io.BytesIO()
+            torch.export.save(model, buffer)
+            return {"kind": "torch_export", "program": _b64(buffer.getvalue())}
+        if isinstance(model, torch.nn.Module):
+            return {"kind": "pickle", "module": _b64(pickle_module(model))}
+    raise SecantError(f"spec.model must be a zoo model spec (a dict), a torch.nn.Module or a "
+                      f"torch.export.ExportedProgram, got {type(model).__name__}",
+                      status_code_from_name("INVALID_ARGUMENT"))
+
+
+def pickle_module(module: Any) -> bytes:
+    """``torch.save(module)`` bytes. With cloudpickle installed, the classes of the module and
+    its submodules that come from the caller's own modules travel by value (the server cannot
+    import them); libraries such as torch are referenced."""
+    import torch
+
+    buffer = io.BytesIO()
+    try:
+        import cloudpickle
+    except ImportError:  # classes by reference: the server must be able to import them
+        torch.save(module, buffer)
+        return buffer.getvalue()
+    own = set()
+    for sub in module.modules():
+        found = sys.modules.get(type(sub).__module__ or "")
+        if found is not None and found.__name__ != "__main__" and (
+                found.__name__.split(".")[0] not in _LIBRARIES):
+            own.add(found)
+    registered = []
+    try:
+        for found in own:
+            cloudpickle.register_pickle_by_value(found)
+            registered.append(found)
+        torch.save(module, buffer, pickle_module=cloudpickle)
+    finally:
+        for found in registered:
+            cloudpickle.unregister_pickle_by_value(found)
+    return buffer.getvalue()
+
+
+def _b64(blob: bytes) -> str:
+    return base64.b64encode(blob).decode("ascii")
+
+
 def build_train_request(spec: Mapping[str, Any], data: Mapping[str, Any] | None = None,
                         idempotency_key: str = "") -> pb.TrainRequest:
-    """A TrainRequest from a spec dict and optional arrays X, y."""
+    """A TrainRequest from a spec dict and optional arrays X, y; ``spec["model"]`` may be the
+    caller's nn.Module or ExportedProgram (model_spec)."""
+    if spec and "model" in spec and not isinstance(spec["model"], Mapping):
+        spec = {**spec, "model": model_spec(spec["model"])}
     request = pb.TrainRequest(spec=to_struct(spec) if spec else struct_pb2.Struct(),
                               idempotency_key=idempotency_key)
     for name, value in (data or {}).items():
@@ -63,16 +133,40 @@ class TrainRun:
         return load(self.weights())
 
     def model(self):
-        """The trained zoo model, built from the spec and loaded (needs the secant server
-        package for the model zoo, and torch)."""
+        """The trained model in eval mode: a copy of the caller's own nn.Module, or its
+        ExportedProgram's ``module()``, with the weights loaded; or the zoo model, built from
+        the spec (needs the secant server package for the model zoo, and torch)."""
+        spec_model = self.spec["model"]
+        if not isinstance(spec_model, Mapping):
+            return _own_module(spec_model, self.state_dict())
+        if spec_model.get("kind") in ("torch_export", "pickle"):
+            raise SecantError("run.model(): the spec carries a serialized module; load "
+                              "run.state_dict() into your module instead",
+                              status_code_from_name("FAILED_PRECONDITION"))
         try:
             from workers.training.models import build_model
         except ImportError as exc:
             raise ImportError("run.model() needs the secant server package (the model zoo);"
                               " use run.state_dict() with your own module instead") from exc
-        module = build_model(self.spec["model"])
+        module = build_model(spec_model)
         module.load_state_dict(self.state_dict())
         return module.eval()
+
+
+def _own_module(model: Any, state: dict):
+    import torch.export
+
+    if isinstance(model, torch.export.ExportedProgram):
+        module = model.module()
+        # module() forbids train()/eval(); nn.Module's own only set the flag (the graph keeps
+        # the mode it was exported in), as on the server.
+        for name in ("train", "eval"):
+            if name in vars(module):
+                delattr(module, name)
+    else:
+        module = copy.deepcopy(model)
+    module.load_state_dict(state)
+    return module.eval()
 
 
 def collect_training(job_events: Iterable[pb.JobEvent], spec: Mapping[str, Any], fetch,

@@ -7,8 +7,9 @@ safetensors checkpoints, restart from the last checkpoint when a worker is lost.
                                resume=False)
     model = load_weights(build_model(spec["model"]), outcome.weights)
 
-`spec` is loop.py's training spec plus two job fields: `dataset` (a bundled set by name, when
-`data` is None) and `checkpoint_every` (steps; 0: never; default 0).
+`spec` is loop.py's training spec plus three job fields: `dataset` (a bundled set by name) or
+`data_uri` (a .npz / .safetensors file under `data_root`, read by every worker itself: see
+datasets.py), when `data` is None, and `checkpoint_every` (steps; 0: never; default 0).
 
 Why plain actors rather than Ray Train's TorchTrainer: measured on this 2-core machine with
 2 CPU workers, a TorchTrainer fit() of a trivial function took 14-26 s (FACTS: workers enter
@@ -26,8 +27,9 @@ noticed within one poll. Stop is agreed across workers inside the step's all-red
 so all workers end after the same step and rank 0 returns the weights as they are.
 
 Costs: every attempt starts fresh worker processes (about 1.5-5 s here, each imports torch);
-every worker holds the whole data set (fine for uploaded tensors, the small-data case; a
-sharded reader for path/URI data plugs in at `_TrainingWorker.train`); rank 0 writes the
+every worker holds the whole data set (uploaded tensors travel once through the object
+store; a `data_uri` file is read by each worker, so large data never passes the gateway; a
+sharded reader would plug in at `_TrainingWorker.train`); rank 0 writes the
 checkpoints (the state is replicated in plain data parallelism).
 
 Scaling plans (issue 8; the spec's `scaling` section, large_batch.ScalingSpec): the workers
@@ -70,10 +72,10 @@ from .checkpoint import (
     save_checkpoint,
     spec_fingerprint,
 )
-from .datasets import load_dataset
+from .datasets import inspect_data_file, load_dataset, open_data_uri, resolve_data_uri
 from .loop import StepMetrics, TrainSpec, check_parallel, save_weights, train
 
-JOB_KEYS = ("dataset", "checkpoint_every")
+JOB_KEYS = ("dataset", "checkpoint_every", "data_uri")
 EVENT_POLL_S = 0.2
 KEEP_CHECKPOINTS = 2
 
@@ -254,8 +256,16 @@ class _TrainingWorker:
         checkpoint_every: int,
         fingerprint: str,
         device: str,
+        data_uri: str | None = None,
+        data_root: str | None = None,
+        trusted: bool = False,
     ) -> dict[str, Any] | None:
         from .kfac import TorchDistributedCommunicator
+
+        if data_uri is not None:  # read here, not by the driver: large data skips the gateway
+            X_t, y_t = open_data_uri(data_uri, data_root)
+        else:
+            X_t, y_t = torch.tensor(X), torch.tensor(y)
 
         communicator = TorchDistributedCommunicator() if self.world_size > 1 else None
         initial = load_checkpoint(resume_path, fingerprint=fingerprint) if resume_path else None
@@ -313,8 +323,8 @@ class _TrainingWorker:
 
         result = train(
             spec,
-            torch.tensor(X),
-            torch.tensor(y),
+            X_t,
+            y_t,
             callback=on_step_with_batch,
             communicator=communicator,
             should_stop=self._stop.is_set,
@@ -323,6 +333,7 @@ class _TrainingWorker:
             checkpoint_every=checkpoint_every,
             device=device,
             on_memory=on_memory if leader else None,
+            trusted=trusted,
         )
         if not leader:
             return None
@@ -344,6 +355,7 @@ class _Job:
     train_spec: dict
     dataset: str | None
     checkpoint_every: int
+    data_uri: str | None = None
 
     @classmethod
     def parse(cls, spec: Any, data: dict | None, workers: int) -> _Job:
@@ -353,17 +365,19 @@ class _Job:
             raise ValueError(f"workers must be an integer >= 1, got {workers!r}")
         train_spec = {k: v for k, v in spec.items() if k not in JOB_KEYS}
         dataset = spec.get("dataset")
+        data_uri = spec.get("data_uri")
         every = spec.get("checkpoint_every", 0)
         if isinstance(every, bool) or not isinstance(every, int) or every < 0:
             raise ValueError(f"checkpoint_every must be an integer >= 0, got {every!r}")
-        if data is None and dataset is None:
-            raise ValueError("a training job needs data (X, y) or a dataset name")
-        if data is not None and dataset is not None:
-            raise ValueError("give either data or dataset, not both")
+        sources = [data is not None, dataset is not None, data_uri is not None]
+        if not any(sources):
+            raise ValueError("a training job needs data (X, y), a dataset name or a data_uri")
+        if sum(sources) > 1:
+            raise ValueError("give one of data, dataset and data_uri, not several")
         if data is not None and (not isinstance(data, dict) or set(data) != {"X", "y"}):
             raise ValueError("data must be a dict with exactly the arrays 'X' and 'y'")
         TrainSpec.parse(train_spec)  # ValueError naming the field, before anything starts
-        return cls(train_spec, dataset, every)
+        return cls(train_spec, dataset, every, data_uri)
 
 
 def run_training_job(
@@ -379,6 +393,8 @@ def run_training_job(
     cpus_per_worker: int = 1,
     max_restarts: int = 3,
     startup_timeout_s: float = 120.0,
+    data_root: str | None = None,
+    trusted: bool = False,
 ) -> TrainingOutcome:
     """Runs one training job on the connected Ray cluster and blocks until it ends (call it
     from a thread, or from a Ray task, when the caller has an event loop).
@@ -389,22 +405,31 @@ def run_training_job(
     step and the outcome has stopped_early=True and the weights of that step.
     resume=True continues from the newest checkpoint in checkpoint_dir written for this same
     spec; resume=False deletes the directory's checkpoints first.
-    Raises ValueError for a bad spec or data (before starting anything), TrainingJobError when
-    the training fails or workers are lost more than max_restarts times.
+    data_root: where a spec's `data_uri` may point (None: data URIs are refused); the driver
+    reads only the file's header, every worker loads the file. trusted=True lets a caller's
+    own module (models.py: torch_export, pickle) load on the workers; the service decides it.
+    Raises ValueError for a bad spec or data (before starting anything), PermissionError for a
+    data_uri without a root or outside it, TrainingJobError when the training fails or
+    workers are lost more than max_restarts times.
     """
     started = time.monotonic()
     job = _Job.parse(spec, data, workers)
-    if job.dataset is not None:
+    if job.data_uri is not None:
+        X = y = None
+        rows = inspect_data_file(resolve_data_uri(job.data_uri, data_root)).rows
+    elif job.dataset is not None:
         X_t, y_t = load_dataset(job.dataset)
         X, y = X_t.numpy(), y_t.numpy()
     else:
         X, y = np.asarray(data["X"]), np.asarray(data["y"])
         if X.shape[0] != y.shape[0]:
             raise ValueError(f"X and y must have as many rows, got {X.shape[0]} and {y.shape[0]}")
-    check_parallel(TrainSpec.parse(job.train_spec), workers, X.shape[0],
+    if X is not None:
+        rows = X.shape[0]
+    check_parallel(TrainSpec.parse(job.train_spec), workers, rows,
                    device="cuda" if use_gpu else "cpu")
     fingerprint = spec_fingerprint(
-        {"spec": job.train_spec, "workers": workers, "rows": int(X.shape[0])}
+        {"spec": job.train_spec, "workers": workers, "rows": int(rows)}
     )
     os.makedirs(checkpoint_dir, exist_ok=True)
     resume_path = None
@@ -416,7 +441,7 @@ def run_training_job(
         for _, old in list_checkpoints(checkpoint_dir):
             old.unlink(missing_ok=True)
 
-    data_refs = (ray.put(X), ray.put(y))
+    data_refs = (None, None) if X is None else (ray.put(X), ray.put(y))
     restarts = 0
     while True:
         try:
@@ -433,6 +458,8 @@ def run_training_job(
                 cpus_per_worker=cpus_per_worker,
                 fingerprint=fingerprint,
                 startup_timeout_s=startup_timeout_s,
+                data_root=data_root,
+                trusted=trusted,
             )
             break
         except _WorkerFailure as failure:
@@ -508,6 +535,8 @@ def _run_attempt(
     cpus_per_worker: int,
     fingerprint: str,
     startup_timeout_s: float,
+    data_root: str | None = None,
+    trusted: bool = False,
 ) -> dict[str, Any]:
     began = time.monotonic()
     try:
@@ -542,6 +571,9 @@ def _run_attempt(
                 checkpoint_every=job.checkpoint_every,
                 fingerprint=fingerprint,
                 device=device,
+                data_uri=job.data_uri,
+                data_root=data_root,
+                trusted=trusted,
             ): rank
             for rank, actor in enumerate(actors)
         })

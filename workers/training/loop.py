@@ -3,7 +3,8 @@
     result = train(spec, X, y, callback=print)
 
 spec (a dict from the wire; every field checked, ValueError names the field):
-    model:       a model spec (see models.py)
+    model:       a model spec (see models.py): the zoo, or a trusted caller's own module
+                 (torch_export, pickle; loaded only with train(..., trusted=True))
     loss:        "cross_entropy" | "mse" | "bce" (bce takes logits)
     optimizer:   {"name": ..., "lr": ...} with name one of
                  sgd (momentum, nesterov, weight_decay), adam / adamw (betas, weight_decay),
@@ -74,7 +75,7 @@ from .large_batch import (
     set_lr,
 )
 from .memory import MemoryReport
-from .models import build_model
+from .models import build_model, check_code_model_plan
 from .natural_gradient import NaturalGradientPreconditioner
 
 LOSSES = ("cross_entropy", "mse", "bce")
@@ -268,6 +269,11 @@ class TrainSpec:
         steps = raw.get("steps")
         optimizer = OptimizerSpec.parse(raw.get("optimizer", "adam"))
         scaling = _scaling(raw, optimizer)
+        check_code_model_plan(raw["model"], optimizer=optimizer.name,
+                              lora=scaling is not None and scaling.lora_rank > 0,
+                              activation_checkpointing=scaling is not None
+                              and scaling.activation_checkpointing,
+                              zero_stage=0 if scaling is None else scaling.zero_stage)
         return cls(
             model=raw["model"],
             loss=loss,
@@ -396,17 +402,20 @@ def train(spec: dict, X: Tensor, y: Tensor, *,
           on_checkpoint: Callable[[TrainingState], None] | None = None,
           checkpoint_every: int = 0,
           device: str | torch.device | None = None,
-          on_memory: Callable[[list[MemoryReport]], None] | None = None) -> TrainResult:
+          on_memory: Callable[[list[MemoryReport]], None] | None = None,
+          trusted: bool = False) -> TrainResult:
     """Trains the spec's model on (X, y); see the module docstring for the spec and for the
     data-parallel, stop and checkpoint arguments. `on_memory` receives every worker's
-    memory.MemoryReport (by rank) after the first step of a scaled run."""
+    memory.MemoryReport (by rank) after the first step of a scaled run. `trusted` lets a
+    caller's own module (models.py: torch_export, pickle) load; only the service decides it."""
     parsed = TrainSpec.parse(spec)
     if X.shape[0] != y.shape[0]:
         raise ValueError(f"X and y must have as many rows, got {X.shape[0]} and {y.shape[0]}")
     communicator = communicator or LocalCommunicator()
     check_parallel(parsed, communicator.world_size, X.shape[0], device=device)
     torch.manual_seed(parsed.seed)
-    model = build_model(parsed.model)
+    model = build_model(parsed.model, trusted=trusted)
+    check_model_plan(model, parsed)
     scaling = parsed.scaling
     if scaling is not None and scaling.lora_rank:
         apply_lora(model, scaling.lora_rank, scaling.lora_alpha)
@@ -447,7 +456,7 @@ def train(spec: dict, X: Tensor, y: Tensor, *,
     except _Stop:
         run.stopped_early = True
     if run.final_state is not None:  # scaled runs: a plain (unsharded, LoRA-merged) model
-        model = _export_model(parsed, run.final_state, device)
+        model = _export_model(parsed, run.final_state, device, trusted=trusted)
 
     metrics = {f"train_{k}": v for k, v in evaluate(model, parsed.loss, X_train, y_train).items()}
     if X_val.shape[0]:
@@ -496,15 +505,36 @@ def _default_lr(name: str) -> float:
 
 
 def _export_model(spec: TrainSpec, state: dict[str, Tensor],
-                  device: str | torch.device | None) -> nn.Module:
-    """A fresh zoo model holding `state` (a scaled run's full weights), LoRA adapters merged
-    into plain Linear layers, so the weights load into build_model(spec.model)."""
-    model = build_model(spec.model)
+                  device: str | torch.device | None, *, trusted: bool = False) -> nn.Module:
+    """A fresh zoo model (or the caller's module, loaded again) holding `state` (a scaled
+    run's full weights), LoRA adapters merged into plain Linear layers, so the weights load
+    into build_model(spec.model)."""
+    model = build_model(spec.model, trusted=trusted)
     if spec.scaling is not None and spec.scaling.lora_rank:
         apply_lora(model, spec.scaling.lora_rank, spec.scaling.lora_alpha)
     model.load_state_dict({k: v.to("cpu") for k, v in state.items()})
     merge_lora(model)
     return model.to(device) if device is not None else model
+
+
+def check_model_plan(model: nn.Module, spec: TrainSpec) -> None:
+    """ValueError when the spec's plan needs layers `model` lacks: K-FAC preconditions
+    nn.Linear / nn.Conv2d layers, activation checkpointing runs the zoo's transformer blocks or
+    a sequential model's layers (large_batch.enable_activation_checkpointing, which refuses
+    the zoo's CNN alike). Run before training, and by the gateway on a caller's own module
+    (models.py: pickle, torch_export) once loaded."""
+    from .models import GPT
+
+    if spec.optimizer.name == "kfac" and not any(
+            isinstance(m, nn.Linear | nn.Conv2d) for m in model.modules()):
+        raise ValueError("optimizer kfac needs nn.Linear or nn.Conv2d layers; the model has "
+                         "none (choose sgd, adam, lars, lamb, ...)")
+    scaling = spec.scaling
+    if (scaling is not None and scaling.activation_checkpointing
+            and not isinstance(model, nn.Sequential | GPT)):
+        raise ValueError(f"scaling.activation_checkpointing runs an nn.Sequential's layers "
+                         f"(or the zoo transformer's blocks); the model is a "
+                         f"{type(model).__name__}")
 
 
 def check_parallel(spec: TrainSpec, world_size: int, rows: int, *,
@@ -717,7 +747,7 @@ class _Run:
             optimizer = factory(trainable if group_params is None else group_params(trainable))
         if self.initial_state is not None and self.step > 0:
             zero.load_full_optimizer_state_dict(wrapped, optimizer, self.initial_state.optimizer)
-        scaler = grad_scaler(self.X.device, scaling.precision)
+        scaler = grad_scaler(self.X.device, scaling.precision, sharded_gradients=stage >= 2)
         no_sync = zero.no_sync if sharded else None
 
         def full_weights() -> dict[str, Tensor]:  # collective at stages 2-3
@@ -884,6 +914,7 @@ __all__ = [
     "StepMetrics",
     "TrainResult",
     "TrainSpec",
+    "check_model_plan",
     "check_parallel",
     "evaluate",
     "flat_objective",

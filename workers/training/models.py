@@ -10,10 +10,30 @@ A spec is a plain dict (it arrives from the wire), e.g.
 `build_model(spec)` checks every field (unknown fields are rejected, sizes are bounded so a
 spec cannot ask for a model that does not fit a worker) and raises ValueError naming the
 field at fault. Every model is built from nn.Linear / nn.Conv2d so that K-FAC covers it.
+
+Trusted callers may instead send their own module, as base64 text in the spec (the wire spec is
+a protobuf Struct, which has no bytes type):
+
+    {"kind": "torch_export", "program": "<base64 of torch.export.save(program)>"}
+    {"kind": "pickle", "module": "<base64 of torch.save(module)>"}
+
+Loading either runs the caller's code (torch.save is a pickle; a torch.export archive holds
+pickled parts), so `build_model(spec, trusted=True)` is the only way in and anything short of
+`trusted is True` is refused with UntrustedCodeError before the bytes are read: the same rule
+as the objectives' (workers/objectives/_trusted.py). An exported program trains through
+`program.module()`, a GraphModule holding the program's parameters under the original
+module's names (so the weights load back into that module). What it cannot do: its graph is
+fixed as exported (dropout and batch norm keep the mode they were exported in; train()/eval()
+only set the flag), it holds no nn.Linear / nn.Conv2d modules (so no K-FAC, LoRA or
+activation checkpointing: `check_code_model_plan` refuses them), and its batch dimension must
+have been exported dynamic (`dynamic_shapes={"x": {0: torch.export.Dim("batch")}}`).
 """
 
 from __future__ import annotations
 
+import base64
+import binascii
+import io
 from collections.abc import Callable
 from dataclasses import dataclass, fields
 from typing import Any
@@ -171,6 +191,39 @@ class TransformerSpec:
         return spec
 
 
+# Kinds whose spec carries the caller's code, and the field holding its base64 bytes.
+CODE_KINDS = {"torch_export": "program", "pickle": "module"}
+
+
+@dataclass(frozen=True)
+class CodeModelSpec:
+    """A caller's own module: `torch_export` (torch.export.save bytes of an ExportedProgram
+    taking one batch tensor) or `pickle` (torch.save bytes of an nn.Module). Parsing only
+    decodes the base64; loading is build_model(spec, trusted=True)."""
+
+    kind: str
+    blob: bytes
+
+    @classmethod
+    def parse(cls, raw: dict) -> CodeModelSpec:
+        kind = raw["kind"]
+        name = CODE_KINDS[kind]
+        unknown = sorted(set(raw) - {"kind", name})
+        if unknown:
+            raise ValueError(f"{kind}: unknown field(s) {unknown}; known fields: "
+                             f"{sorted({'kind', name})}")
+        if name not in raw:
+            raise ValueError(f"{kind}.{name} is required (base64 of the module's bytes)")
+        text = raw[name]
+        if not isinstance(text, str) or not text:
+            raise ValueError(f"{kind}.{name} must be base64 text, got {type(text).__name__}")
+        try:
+            blob = base64.b64decode(text, validate=True)
+        except (binascii.Error, ValueError):
+            raise ValueError(f"{kind}.{name} is not valid base64") from None
+        return cls(kind, blob)
+
+
 _SPECS: dict[str, type] = {
     "mlp": MLPSpec,
     "cnn": CNNSpec,
@@ -179,13 +232,20 @@ _SPECS: dict[str, type] = {
 }
 
 
-def parse_model_spec(spec: Any) -> MLPSpec | CNNSpec | AutoencoderSpec | TransformerSpec:
-    """Checks a model spec dict; raises ValueError naming the field at fault."""
+ModelSpec = MLPSpec | CNNSpec | AutoencoderSpec | TransformerSpec | CodeModelSpec
+
+
+def parse_model_spec(spec: Any) -> ModelSpec:
+    """Checks a model spec dict; raises ValueError naming the field at fault. Loads nothing:
+    a code model's bytes are only decoded."""
     if not isinstance(spec, dict):
         raise ValueError(f"model spec must be a dict, got {type(spec).__name__}")
     kind = spec.get("kind")
+    if kind in CODE_KINDS:
+        return CodeModelSpec.parse(spec)
     if kind not in _SPECS:
-        raise ValueError(f"model.kind must be one of {sorted(_SPECS)}, got {kind!r}")
+        raise ValueError(f"model.kind must be one of {sorted(_SPECS)} (or, from trusted "
+                         f"callers, {sorted(CODE_KINDS)}), got {kind!r}")
     spec_cls = _SPECS[kind]
     known = {f.name for f in fields(spec_cls)} | {"kind"}
     unknown = sorted(set(spec) - known)
@@ -322,9 +382,18 @@ def _parameter_count(spec: Any) -> int:
     return spec.layers * block + (spec.vocab + spec.context) * w + w * spec.vocab
 
 
-def build_model(spec: dict) -> nn.Module:
-    """Builds the model a spec dict describes (see the module docstring for the kinds)."""
+def is_code_model(spec: Any) -> bool:
+    """Whether a model spec carries the caller's code (torch_export, pickle)."""
+    return isinstance(spec, dict) and spec.get("kind") in CODE_KINDS
+
+
+def build_model(spec: dict, *, trusted: bool = False) -> nn.Module:
+    """Builds the model a spec dict describes (see the module docstring for the kinds). A
+    code model (torch_export, pickle) loads only with `trusted=True`; otherwise
+    UntrustedCodeError (a PermissionError) before its bytes are read."""
     parsed = parse_model_spec(spec)
+    if isinstance(parsed, CodeModelSpec):
+        return load_code_model(parsed, trusted=trusted)
     count = _parameter_count(parsed)
     if count > MAX_PARAMETERS:
         raise ValueError(
@@ -344,14 +413,113 @@ def parameter_count(model: nn.Module) -> int:
     return sum(p.numel() for p in model.parameters())
 
 
+# ---------------------------------------------------------------- caller code (trusted only)
+
+
+def load_code_model(spec: CodeModelSpec, *, trusted: bool = False) -> nn.Module:
+    """The caller's module, checked: an nn.Module with trainable parameters (at most
+    MAX_PARAMETERS). Refuses (UntrustedCodeError) before reading the bytes unless `trusted is
+    True` (`is`, not truthiness: a stray non-empty value must not unlock code). ValueError
+    naming `<kind>.<field>` for bytes that do not load or a module that cannot train.
+    Cost: deserializing the bytes (their size, plus the parameters)."""
+    from workers.objectives import UntrustedCodeError
+
+    field = CODE_KINDS[spec.kind]
+    if trusted is not True:
+        raise UntrustedCodeError(
+            f"model.kind {spec.kind!r}: loading the caller's module runs its code; it is "
+            "allowed only for trusted callers on a server started to allow it"
+        )
+    if spec.kind == "torch_export":
+        module = _load_exported(spec.blob)
+    else:
+        try:
+            module = torch.load(io.BytesIO(spec.blob), weights_only=False, map_location="cpu")
+        except Exception as exc:  # any failure of a foreign pickle is the caller's problem
+            raise ValueError(f"pickle.module: not a loadable torch.save payload "
+                             f"({type(exc).__name__}: {exc})") from exc
+        if not isinstance(module, nn.Module):
+            raise ValueError(f"pickle.module: the payload is a {type(module).__name__}, not a "
+                             f"torch.nn.Module; torch.save the module itself")
+    trainable = sum(p.numel() for p in module.parameters() if p.requires_grad)
+    if trainable == 0:
+        raise ValueError(f"{spec.kind}.{field}: the module has no trainable parameters")
+    if parameter_count(module) > MAX_PARAMETERS:
+        raise ValueError(f"{spec.kind}.{field}: {parameter_count(module):,} parameters, more "
+                         f"than the limit of {MAX_PARAMETERS:,}")
+    return module
+
+
+def _load_exported(blob: bytes) -> nn.Module:
+    """program.module() of a torch.export archive, made trainable: one tensor input whose
+    first (batch) dimension is dynamic; train()/eval() set the flag only (the graph keeps the
+    mode it was exported in)."""
+    import torch.export
+
+    try:
+        program = torch.export.load(io.BytesIO(blob))
+    except Exception as exc:
+        raise ValueError(f"torch_export.program: not a loadable torch.export archive "
+                         f"({type(exc).__name__}: {exc}); save it with torch.export.save("
+                         f"torch.export.export(module, (x,), dynamic_shapes=...), buffer)"
+                         ) from exc
+    inputs = [node for node in program.graph.nodes if node.op == "placeholder"
+              and node.name in set(program.graph_signature.user_inputs)]
+    if len(inputs) != 1:
+        raise ValueError(f"torch_export.program: the program must take one input (a batch of "
+                         f"X rows), it takes {len(inputs)}")
+    example = inputs[0].meta.get("val")
+    if not isinstance(example, Tensor) or example.dim() < 1:
+        raise ValueError("torch_export.program: the program's input must be a tensor with a "
+                         "batch dimension")
+    if isinstance(example.shape[0], int):
+        raise ValueError(f"torch_export.program: the batch dimension was exported fixed at "
+                         f"{example.shape[0]}; export with dynamic_shapes={{'x': {{0: "
+                         f"torch.export.Dim('batch')}}}} (the name of forward's argument)")
+    module = program.module()
+    # ExportedProgram.module() replaces train()/eval() with methods that raise; nn.Module's
+    # own only set the flag here (the graph's ops do not read it), which the loop relies on.
+    for name in ("train", "eval"):
+        if name in vars(module):
+            delattr(module, name)
+    return module
+
+
+def check_code_model_plan(spec: dict, *, optimizer: str, lora: bool,
+                          activation_checkpointing: bool, zero_stage: int = 0) -> None:
+    """ValueError for what an exported program cannot do: it has no nn.Linear / nn.Conv2d
+    modules for K-FAC or LoRA, no layers to checkpoint, and no submodule forwards for ZeRO-3
+    (FSDP2 gathers a submodule's parameters when its forward runs; the flat graph reads them
+    directly, measured: "got mixed torch.Tensor and DTensor"). A pickled module can, when its
+    layers are those modules (loop.check_model_plan checks it once loaded)."""
+    if not isinstance(spec, dict) or spec.get("kind") != "torch_export":
+        return
+    clashes = [(optimizer == "kfac", "optimizer kfac needs nn.Linear / nn.Conv2d modules"),
+               (lora, "scaling.lora adapts nn.Linear modules"),
+               (activation_checkpointing, "scaling.activation_checkpointing needs the zoo's "
+                "layers"),
+               (zero_stage == 3, "scaling.zero_stage 3 gathers parameters in submodule "
+                "forwards")]
+    for clash, message in clashes:
+        if clash:
+            raise ValueError(f"{message}, which an exported program (a flat graph) does not "
+                             f"have; send the module pickled (kind 'pickle') instead")
+
+
 __all__ = [
     "ACTIVATIONS",
+    "CODE_KINDS",
     "GPT",
     "AutoencoderSpec",
     "CNNSpec",
+    "CodeModelSpec",
     "MLPSpec",
+    "ModelSpec",
     "TransformerSpec",
     "build_model",
+    "check_code_model_plan",
+    "is_code_model",
+    "load_code_model",
     "parameter_count",
     "parse_model_spec",
 ]
