@@ -24,6 +24,7 @@ from workers.training.kfac import (
     CostBalancedAssignment,
     KFACPreconditioner,
     TorchDistributedCommunicator,
+    _gauss_newton_gram,
     sampled_loss,
 )
 from workers.training.natural_gradient import NaturalGradientPreconditioner
@@ -45,8 +46,10 @@ def _mlp(seed: int = 0) -> nn.Sequential:
 
 def _batch(n: int = 7, seed: int = 1):
     generator = torch.Generator().manual_seed(seed)
-    return (torch.randn(n, 5, generator=generator, dtype=torch.float64),
-            torch.randint(0, 3, (n,), generator=generator))
+    return (
+        torch.randn(n, 5, generator=generator, dtype=torch.float64),
+        torch.randint(0, 3, (n,), generator=generator),
+    )
 
 
 def test_linear_factors_equal_explicit_expectations():
@@ -133,8 +136,11 @@ def _grads_after_step(method: ComputeMethod, steps: int = 3):
 
 
 def test_inverse_and_eigen_methods_give_the_same_preconditioned_gradient():
-    for eig, inv in zip(_grads_after_step(ComputeMethod.EIGEN),
-                        _grads_after_step(ComputeMethod.INVERSE), strict=True):
+    for eig, inv in zip(
+        _grads_after_step(ComputeMethod.EIGEN),
+        _grads_after_step(ComputeMethod.INVERSE),
+        strict=True,
+    ):
         torch.testing.assert_close(eig, inv, rtol=1e-8, atol=1e-10)
 
 
@@ -178,8 +184,9 @@ def test_state_dict_round_trip_gives_identical_next_step(tmp_path):
     restored_optimizer = torch.optim.SGD(restored_model.parameters(), lr=0.1, momentum=0.9)
     # a copy: load_state_dict would share the momentum buffers with the original
     restored_optimizer.load_state_dict(copy.deepcopy(optimizer.state_dict()))
-    restored = KFACPreconditioner(restored_model, damping=1e-2, inv_update_steps=3,
-                                  factor_decay=0.9)
+    restored = KFACPreconditioner(
+        restored_model, damping=1e-2, inv_update_steps=3, factor_decay=0.9
+    )
     restored.load_state_dict(load_file(tmp_path / "kfac.safetensors"))
 
     for seed in (4, 5):  # step 6 recomputes the inverses from the restored factors
@@ -200,13 +207,16 @@ def test_assignment_spreads_layers_over_workers_by_cost():
     assert policy.assign(skewed, 2) == assignment  # deterministic: every worker agrees
 
 
-@pytest.mark.parametrize(("kwargs", "field"), [
-    ({"damping": -1.0}, "damping"),
-    ({"factor_decay": 1.0}, "factor_decay"),
-    ({"inv_update_steps": 0}, "inv_update_steps"),
-    ({"kl_clip": 0.0}, "kl_clip"),
-    ({"compute_method": "cholesky"}, "cholesky"),
-])
+@pytest.mark.parametrize(
+    ("kwargs", "field"),
+    [
+        ({"damping": -1.0}, "damping"),
+        ({"factor_decay": 1.0}, "factor_decay"),
+        ({"inv_update_steps": 0}, "inv_update_steps"),
+        ({"kl_clip": 0.0}, "kl_clip"),
+        ({"compute_method": "cholesky"}, "cholesky"),
+    ],
+)
 def test_settings_are_checked_when_built(kwargs, field):
     with pytest.raises(ValueError, match=field):
         KFACPreconditioner(_mlp(), **kwargs)
@@ -224,6 +234,7 @@ def test_schedules_are_callables_of_the_step():
 
 # ---------------------------------------------------------------- two workers
 
+
 def _free_port() -> int:
     with socket.socket() as sock:
         sock.bind(("127.0.0.1", 0))
@@ -235,8 +246,9 @@ def _two_worker_steps(rank: int, world_size: int, port: int, out: str) -> None:
 
     torch.set_default_dtype(torch.float64)
     torch.set_num_threads(1)
-    dist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{port}", rank=rank,
-                            world_size=world_size)
+    dist.init_process_group(
+        "gloo", init_method=f"tcp://127.0.0.1:{port}", rank=rank, world_size=world_size
+    )
     try:
         communicator = TorchDistributedCommunicator()
         grads = _kfac_updates(communicator, shard=(rank, world_size))
@@ -248,18 +260,22 @@ def _two_worker_steps(rank: int, world_size: int, port: int, out: str) -> None:
 def _kfac_updates(communicator=None, shard=(0, 1)) -> list[torch.Tensor]:
     """Three K-FAC steps of a 3-layer MLP on a global batch of 8, this worker's shard."""
     torch.manual_seed(0)
-    model = nn.Sequential(nn.Linear(5, 6), nn.Tanh(), nn.Linear(6, 6), nn.Tanh(),
-                          nn.Linear(6, 3)).double()
-    kfac = KFACPreconditioner(model, compute_method="eigen", damping=1e-2, inv_update_steps=2,
-                              communicator=communicator)
+    model = nn.Sequential(
+        nn.Linear(5, 6), nn.Tanh(), nn.Linear(6, 6), nn.Tanh(), nn.Linear(6, 3)
+    ).double()
+    kfac = KFACPreconditioner(
+        model, compute_method="eigen", damping=1e-2, inv_update_steps=2, communicator=communicator
+    )
     optimizer = torch.optim.SGD(model.parameters(), lr=0.2, momentum=0.9)
     rank, world = shard
     updates = []
     for step in range(3):
         x, y = _batch(n=8, seed=10 + step)
         per_worker = x.shape[0] // world
-        x, y = x[rank * per_worker:(rank + 1) * per_worker], y[rank * per_worker:(rank + 1)
-                                                                * per_worker]
+        x, y = (
+            x[rank * per_worker : (rank + 1) * per_worker],
+            y[rank * per_worker : (rank + 1) * per_worker],
+        )
         optimizer.zero_grad()
         F.cross_entropy(model(x), y).backward()
         if communicator is not None:  # data parallelism's gradient average (DDP's job)
@@ -274,8 +290,9 @@ def test_two_workers_give_the_same_update_as_one_worker_on_the_global_batch(tmp_
     context = multiprocessing.get_context("spawn")
     port = _free_port()
     outs = [str(tmp_path / f"rank{r}.safetensors") for r in range(2)]
-    workers = [context.Process(target=_two_worker_steps, args=(r, 2, port, outs[r]))
-               for r in range(2)]
+    workers = [
+        context.Process(target=_two_worker_steps, args=(r, 2, port, outs[r])) for r in range(2)
+    ]
     for worker in workers:
         worker.start()
     for worker in workers:
@@ -294,6 +311,7 @@ def test_two_workers_give_the_same_update_as_one_worker_on_the_global_batch(tmp_
 
 # ---------------------------------------------------------------- natural gradient
 
+
 @pytest.mark.parametrize("batch", [64, 8])  # P=35 <= N (primal) and P > N (Woodbury)
 def test_natural_gradient_solves_the_damped_empirical_fisher_system(batch):
     model = _mlp()
@@ -306,7 +324,7 @@ def test_natural_gradient_solves_the_damped_empirical_fisher_system(batch):
     rows = []
     for i in range(batch):
         model.zero_grad()
-        F.cross_entropy(model(x[i:i + 1]), y[i:i + 1]).backward()
+        F.cross_entropy(model(x[i : i + 1]), y[i : i + 1]).backward()
         rows.append(torch.cat([p.grad.reshape(-1) for p in model.parameters()]))
     jacobian = torch.stack(rows)
     fisher = jacobian.T @ jacobian / batch + damping * torch.eye(jacobian.shape[1])
@@ -349,8 +367,15 @@ def test_sampled_fisher_g_factor_averages_to_the_gauss_newton_factor(loss):
     expected = _explicit_gauss_newton_g(model, x, loss)
     draws = 3000
     # factor_decay -> running mean: the paper's warm start gives decay 1 - 1/k, i.e. the mean
-    kfac = KFACPreconditioner(model, fisher="sampled", loss=loss, factor_decay=0.999999,
-                              kl_clip=None, inv_update_steps=10**9, seed=5)
+    kfac = KFACPreconditioner(
+        model,
+        fisher="sampled",
+        loss=loss,
+        factor_decay=0.999999,
+        kl_clip=None,
+        inv_update_steps=10**9,
+        seed=5,
+    )
     for _ in range(draws):
         model.zero_grad()
         output = model(x)
@@ -372,11 +397,15 @@ def test_sampled_loss_residuals_have_the_loss_hessian_as_covariance():
     draws = 20000
     output = logits.expand(draws, 4).clone().requires_grad_(True)
     noise = torch.rand(draws, 1, generator=generator)
-    grad, = torch.autograd.grad(sampled_loss("cross_entropy", output, noise), output)
+    (grad,) = torch.autograd.grad(sampled_loss("cross_entropy", output, noise), output)
     residual = grad * draws  # (1/M) r per row, M = draws
     probs = torch.softmax(logits[0], -1)
-    torch.testing.assert_close(residual.T @ residual / draws,
-                               torch.diag(probs) - torch.outer(probs, probs), atol=1e-2, rtol=0)
+    torch.testing.assert_close(
+        residual.T @ residual / draws,
+        torch.diag(probs) - torch.outer(probs, probs),
+        atol=1e-2,
+        rtol=0,
+    )
     torch.testing.assert_close(residual.mean(0), torch.zeros(4), atol=1e-2, rtol=0)
 
 
@@ -416,8 +445,9 @@ def test_rescaled_step_minimizes_the_exact_quadratic_model():
     model = _mlp()
     x, y = _batch(n=16)
     damping = 0.05
-    kfac = KFACPreconditioner(model, rescale=True, loss="cross_entropy", damping=damping,
-                              lr=1.0, compute_method="inverse")
+    kfac = KFACPreconditioner(
+        model, rescale=True, loss="cross_entropy", damping=damping, lr=1.0, compute_method="inverse"
+    )
     params = list(model.parameters())
 
     def flat_grad():
@@ -428,8 +458,8 @@ def test_rescaled_step_minimizes_the_exact_quadratic_model():
 
         def f(theta):
             pieces, offset = {}, 0
-            for (name, p) in model.named_parameters():
-                pieces[name] = theta[offset:offset + p.numel()].view_as(p)
+            for name, p in model.named_parameters():
+                pieces[name] = theta[offset : offset + p.numel()].view_as(p)
                 offset += p.numel()
             return torch.func.functional_call(model, pieces, (x,))
 
@@ -460,8 +490,9 @@ def test_rescaled_step_minimizes_the_exact_quadratic_model():
         for d in directions:
             assert abs(float(residual @ d)) < 1e-8 * float(g.norm() * d.norm()) + 1e-12
         with torch.no_grad():
-            for p, piece in zip(params, torch.split(update, [p.numel() for p in params]),
-                                strict=True):
+            for p, piece in zip(
+                params, torch.split(update, [p.numel() for p in params]), strict=True
+            ):
                 p.add_(piece.view_as(p))
         previous = update
     assert kfac.alpha_mu[1] != 0.0
@@ -469,8 +500,9 @@ def test_rescaled_step_minimizes_the_exact_quadratic_model():
 
 def test_levenberg_marquardt_raises_damping_when_the_model_overestimates():
     model = _mlp()
-    kfac = KFACPreconditioner(model, rescale=True, adapt_damping=1, loss="cross_entropy",
-                              damping=1e-4, lr=1.0)
+    kfac = KFACPreconditioner(
+        model, rescale=True, adapt_damping=1, loss="cross_entropy", damping=1e-4, lr=1.0
+    )
     x, y = _batch()
     output = model(x)
     loss = F.cross_entropy(output, y)
@@ -478,3 +510,200 @@ def test_levenberg_marquardt_raises_damping_when_the_model_overestimates():
     # a lie about the loss at theta: the step "increases" the loss, rho < 1/4
     kfac.step(x, y, float(loss) - 10.0)
     assert kfac.last_rho < 0.25 and kfac.current_damping == pytest.approx(1e-4 * 20 / 19)
+
+
+# ---------------------------------------------------------------- update intervals
+
+
+def _counting(kfac: KFACPreconditioner) -> dict[str, list[int]]:
+    """Records the steps at which each block collects inputs and computes inverses."""
+    calls: dict[str, list[int]] = {"inputs": [], "inverses": []}
+    for block in kfac.blocks.values():
+        for method, key in (("accumulate_inputs", "inputs"), ("compute_inverses", "inverses")):
+            original = getattr(block, method)
+
+            def counted(*args, _original=original, _key=key, **kwargs):
+                if kfac.steps not in calls[_key]:
+                    calls[_key].append(kfac.steps)
+                return _original(*args, **kwargs)
+
+            setattr(block, method, counted)
+    return calls
+
+
+def _interval_steps(model, kfac, optimizer, seeds) -> list[list[torch.Tensor]]:
+    grads = []
+    for seed in seeds:
+        x, y = _batch(seed=seed)
+        optimizer.zero_grad()
+        F.cross_entropy(model(x), y).backward()
+        kfac.step()
+        optimizer.step()
+        grads.append([p.grad.clone() for p in model.parameters()])
+    return grads
+
+
+def test_update_intervals_skip_the_work_in_between():
+    model = _mlp()
+    kfac = KFACPreconditioner(
+        model,
+        damping=1e-2,
+        factor_update_steps=3,
+        inv_update_steps=2,
+        compute_method="inverse",
+        kl_clip=None,
+    )
+    calls = _counting(kfac)
+    optimizer = torch.optim.SGD(model.parameters(), lr=0.1)
+    _interval_steps(model, kfac, optimizer, range(7))
+    assert calls["inputs"] == [0, 3, 6]  # the hooks do nothing on the other steps
+    assert calls["inverses"] == [0, 2, 4, 6]
+    assert kfac.factor_updates == 3
+
+
+def test_update_intervals_survive_a_checkpoint_restore(tmp_path):
+    settings = {
+        "damping": 1e-2,
+        "factor_update_steps": 3,
+        "inv_update_steps": 2,
+        "factor_decay": 0.9,
+    }
+    model = _mlp()
+    kfac = KFACPreconditioner(model, **settings)
+    optimizer = torch.optim.SGD(model.parameters(), lr=0.1, momentum=0.9)
+    _interval_steps(model, kfac, optimizer, range(4))
+    state = kfac.state_dict()
+    assert int(state["factor_update_steps"]) == 3 and int(state["inv_update_steps"]) == 2
+    save_file(state, tmp_path / "kfac.safetensors")
+
+    restored_model = _mlp(seed=99)
+    restored_model.load_state_dict(model.state_dict())
+    restored_optimizer = torch.optim.SGD(restored_model.parameters(), lr=0.1, momentum=0.9)
+    restored_optimizer.load_state_dict(copy.deepcopy(optimizer.state_dict()))
+    # built with the default intervals (1 and 10): the checkpoint's schedule goes on
+    restored = KFACPreconditioner(restored_model, damping=1e-2, factor_decay=0.9)
+    restored.load_state_dict(load_file(tmp_path / "kfac.safetensors"))
+    assert (restored.factor_update_steps, restored.inv_update_steps) == (3, 2)
+    calls = _counting(restored)
+
+    expected = _interval_steps(model, kfac, optimizer, range(4, 9))  # steps 4..8
+    got = _interval_steps(restored_model, restored, restored_optimizer, range(4, 9))
+    assert calls["inputs"] == [6] and calls["inverses"] == [4, 6, 8]
+    for step_expected, step_got in zip(expected, got, strict=True):
+        for e, g in zip(step_expected, step_got, strict=True):
+            torch.testing.assert_close(g, e, rtol=0, atol=0)
+
+
+def test_a_bad_interval_in_a_checkpoint_is_refused():
+    kfac = KFACPreconditioner(_mlp())
+    state = kfac.state_dict()
+    state["inv_update_steps"] = torch.tensor(0)
+    with pytest.raises(ValueError, match="inv_update_steps"):
+        KFACPreconditioner(_mlp()).load_state_dict(state)
+
+
+@pytest.mark.parametrize("loss", ["mse", "bce", "cross_entropy"])
+def test_gauss_newton_gram_equals_the_pairwise_hessian_forms(loss):
+    generator = torch.Generator().manual_seed(3)
+    output = torch.randn(6, 4, generator=generator)
+    tangents = [torch.randn(6, 4, generator=generator) for _ in range(2)]
+    if loss == "mse":
+        hessians = [2.0 * torch.eye(4) / output.numel()] * 6
+    elif loss == "bce":
+        s = torch.sigmoid(output)
+        hessians = [torch.diag(s[r] * (1 - s[r])) / output.numel() for r in range(6)]
+    else:
+        p = torch.softmax(output, -1)
+        hessians = [(torch.diag(p[r]) - torch.outer(p[r], p[r])) / 6 for r in range(6)]
+    expected = torch.tensor(
+        [
+            [sum(float(u[r] @ hessians[r] @ v[r]) for r in range(6)) for v in tangents]
+            for u in tangents
+        ]
+    )
+    torch.testing.assert_close(_gauss_newton_gram(loss, output, tangents), expected)
+
+
+def test_damping_split_survives_an_overflowed_factor():
+    kfac = KFACPreconditioner(_mlp(), kl_clip=None)
+    block = kfac.blocks["0"]
+    block.a_factor = torch.eye(6) * 1e-300
+    block.g_factor = torch.eye(4) * 1e300  # pi = sqrt(1e-300 / 1e300) underflows to 0
+    a_damping, g_damping = block.split_damping(1e-2)
+    assert a_damping == g_damping == pytest.approx(0.1)
+
+
+def test_chain_forward_mode_equals_torch_forward_mode():
+    torch.manual_seed(7)
+    model = nn.Sequential(
+        nn.Linear(5, 6),
+        nn.Tanh(),
+        nn.Linear(6, 6, bias=False),
+        nn.GELU(),
+        nn.Linear(6, 4),
+        nn.ReLU(),
+        nn.Identity(),
+        nn.Linear(4, 4),
+        nn.Sigmoid(),
+        nn.Linear(4, 3),
+    ).double()
+    kfac = KFACPreconditioner(model, rescale=True, loss="mse", lr=1.0)
+    assert [kind for kind, _ in kfac._chain_plan()] == [
+        "linear",
+        "elementwise",
+        "linear",
+        "module",
+        "linear",
+        "elementwise",
+        "elementwise",
+        "linear",
+        "elementwise",
+        "linear",
+    ]
+    named = list(model.named_parameters())
+    x = torch.randn(9, 5)
+    vectors = [torch.randn(sum(p.numel() for _, p in named)) for _ in range(2)]
+    kfac._chain = kfac._chain_plan()
+    output, tangents = kfac._chain_jvps(named, x, vectors)
+
+    params = {name: p.detach() for name, p in named}
+    for vector, tangent in zip(vectors, tangents, strict=True):
+        pieces = dict(
+            zip(
+                params,
+                (
+                    piece.view_as(p)
+                    for piece, p in zip(
+                        torch.split(vector, [p.numel() for p in params.values()]),
+                        params.values(),
+                        strict=True,
+                    )
+                ),
+                strict=True,
+            )
+        )
+        expected_output, expected_tangent = torch.func.jvp(
+            lambda theta: torch.func.functional_call(model, theta, (x,)), (params,), (pieces,)
+        )
+        torch.testing.assert_close(output, expected_output)
+        torch.testing.assert_close(tangent, expected_tangent)
+
+
+def test_models_off_the_chain_take_the_generic_forward_mode():
+    class Residual(nn.Module):
+        def __init__(self) -> None:
+            super().__init__()
+            self.inner = nn.Linear(5, 5)
+
+        def forward(self, x):
+            return x + torch.tanh(self.inner(x))
+
+    uncovered = nn.Sequential(nn.Linear(5, 4), nn.LayerNorm(4), nn.Linear(4, 3)).double()
+    for model in (Residual().double(), uncovered):
+        kfac = KFACPreconditioner(model, rescale=True, loss="mse", lr=1.0)
+        assert kfac._chain_plan() is False
+        named = list(model.named_parameters())
+        x = torch.randn(4, 5)
+        vector = torch.randn(sum(p.numel() for _, p in named))
+        output, tangents = kfac._jvps(named, x, [vector])
+        assert tangents.shape == (1, *output.shape)

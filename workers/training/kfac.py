@@ -39,6 +39,10 @@ Conventions (the scale of the factors matters against the damping):
   and (alpha, mu) minimizing the quadratic model with the exact (Gauss-Newton) Fisher of the
   batch, damped with lambda: a 2x2 solve on two Jacobian-vector products (forward mode). The
   loop then runs plain SGD (no momentum, no weight decay) and K-FAC writes -step / lr.
+  Cost: an nn.Sequential of covered Linear layers and parameter-free modules takes one
+  hand-written forward-mode pass for both directions (tangents batched; tanh, sigmoid, ReLU
+  in closed form); other models one torch forward-mode pass per direction. The 2x2 system
+  is read back in one transfer.
   `adapt_damping` adds section 6.5's Levenberg-Marquardt rule every T steps:
   rho = (h(theta + step) - h(theta)) / M(step); lambda *= (19/20)^T if rho > 3/4,
   lambda /= (19/20)^T if rho < 1/4.
@@ -58,9 +62,11 @@ from collections.abc import Callable, Iterable
 from typing import Protocol
 
 import torch
+import torch.autograd.forward_ad as fwad
 import torch.distributed as dist
 import torch.nn.functional as F
 from torch import Tensor, nn
+from torch.func import functional_call
 
 Schedule = float | Callable[[int], float]
 IntSchedule = int | Callable[[int], int]
@@ -163,6 +169,11 @@ class CurvatureBlock:
             grad = torch.cat([grad, bias_grad.unsqueeze(1)], dim=1)
         return grad
 
+    @property
+    def weight_columns(self) -> int:
+        """The weight's columns in the gradient matrix (the bias, if any, is the next)."""
+        return self.a_dim - int(self.has_bias)
+
     def set_grad_matrix(self, matrix: Tensor) -> None:
         weight = self.module.weight
         weight_columns = matrix.shape[1] - (1 if self.has_bias else 0)
@@ -176,8 +187,8 @@ class CurvatureBlock:
     def accumulate_inputs(self, inputs: Tensor) -> None:
         rows = self.input_rows(inputs.detach())
         if self.has_bias:
-            rows = torch.cat([rows, rows.new_ones(rows.shape[0], 1)], dim=1)
-        covariance = rows.T @ rows / rows.shape[0]
+            rows = F.pad(rows, (0, 1), value=1.0)
+        covariance = (rows.T @ rows).div_(rows.shape[0])
         self._a_sum = covariance if self._a_sum is None else self._a_sum + covariance
         self._a_calls += 1
 
@@ -185,7 +196,7 @@ class CurvatureBlock:
         batch_size = grad_output.shape[0]
         rows = self.output_grad_rows(grad_output.detach())
         # (1/N) sum_r (N g_r)(N g_r)^T = N sum_r g_r g_r^T
-        covariance = (rows.T @ rows) * batch_size
+        covariance = (rows.T @ rows).mul_(batch_size)
         self._g_sum = covariance if self._g_sum is None else self._g_sum + covariance
         self._g_calls += 1
 
@@ -194,7 +205,10 @@ class CurvatureBlock:
         if self._a_sum is None or self._g_sum is None:
             self._reset_batch()
             return None
-        factors = (self._a_sum / self._a_calls, self._g_sum / self._g_calls)
+        factors = (
+            self._a_sum if self._a_calls == 1 else self._a_sum / self._a_calls,
+            self._g_sum if self._g_calls == 1 else self._g_sum / self._g_calls,
+        )
         self._reset_batch()
         return factors
 
@@ -207,19 +221,20 @@ class CurvatureBlock:
         """Exponential moving average; the first batch initializes the average."""
         if self.a_factor is None:
             self.a_factor, self.g_factor = a_batch.clone(), g_batch.clone()
-        else:
-            self.a_factor.mul_(decay).add_(a_batch, alpha=1.0 - decay)
-            self.g_factor.mul_(decay).add_(g_batch, alpha=1.0 - decay)
+        else:  # decay * old + (1 - decay) * batch
+            self.a_factor.lerp_(a_batch, 1.0 - decay)
+            self.g_factor.lerp_(g_batch, 1.0 - decay)
 
     # ---- damping and inverses
     def split_damping(self, damping: float) -> tuple[float, float]:
         """Tikhonov damping lambda split as (pi sqrt(lambda), sqrt(lambda) / pi)."""
         a_mean_eig = float(self.a_factor.trace()) / self.a_dim
         g_mean_eig = float(self.g_factor.trace()) / self.g_dim
+        pi = 1.0
         if a_mean_eig > 0 and g_mean_eig > 0:
-            pi = math.sqrt(a_mean_eig / g_mean_eig)
-        else:
-            pi = 1.0
+            ratio = math.sqrt(a_mean_eig / g_mean_eig)
+            if math.isfinite(ratio) and ratio > 0:  # (a diverged run can overflow a trace)
+                pi = ratio
         root = math.sqrt(damping)
         return pi * root, root / pi
 
@@ -257,14 +272,20 @@ class CurvatureBlock:
             tensors = [self.a_inverse, self.g_inverse]
         else:
             if self.a_eigenvectors is None:
-                self.a_eigenvectors = torch.zeros(self.a_dim, self.a_dim, dtype=dtype,
-                                                  device=device)
-                self.g_eigenvectors = torch.zeros(self.g_dim, self.g_dim, dtype=dtype,
-                                                  device=device)
+                self.a_eigenvectors = torch.zeros(
+                    self.a_dim, self.a_dim, dtype=dtype, device=device
+                )
+                self.g_eigenvectors = torch.zeros(
+                    self.g_dim, self.g_dim, dtype=dtype, device=device
+                )
                 self.a_eigenvalues = torch.zeros(self.a_dim, dtype=dtype, device=device)
                 self.g_eigenvalues = torch.zeros(self.g_dim, dtype=dtype, device=device)
-            tensors = [self.a_eigenvectors, self.g_eigenvectors, self.a_eigenvalues,
-                       self.g_eigenvalues]
+            tensors = [
+                self.a_eigenvectors,
+                self.g_eigenvectors,
+                self.a_eigenvalues,
+                self.g_eigenvalues,
+            ]
         return tensors
 
     def after_inverses_received(self) -> None:
@@ -294,10 +315,16 @@ class CurvatureBlock:
         return state
 
     def load_state_tensors(self, state: dict[str, Tensor]) -> None:
-        expected = {"a_factor": (self.a_dim,) * 2, "g_factor": (self.g_dim,) * 2,
-                    "a_inverse": (self.a_dim,) * 2, "g_inverse": (self.g_dim,) * 2,
-                    "a_eigenvectors": (self.a_dim,) * 2, "g_eigenvectors": (self.g_dim,) * 2,
-                    "a_eigenvalues": (self.a_dim,), "g_eigenvalues": (self.g_dim,)}
+        expected = {
+            "a_factor": (self.a_dim,) * 2,
+            "g_factor": (self.g_dim,) * 2,
+            "a_inverse": (self.a_dim,) * 2,
+            "g_inverse": (self.g_dim,) * 2,
+            "a_eigenvectors": (self.a_dim,) * 2,
+            "g_eigenvectors": (self.g_dim,) * 2,
+            "a_eigenvalues": (self.a_dim,),
+            "g_eigenvalues": (self.g_dim,),
+        }
         weight = self.module.weight
         for name, tensor in state.items():
             if name == "damping":
@@ -310,8 +337,9 @@ class CurvatureBlock:
                     f"K-FAC state for layer {self.name!r}: {name} has shape "
                     f"{tuple(tensor.shape)}, expected {expected[name]}"
                 )
-            setattr(self, name, tensor.detach().to(dtype=weight.dtype, device=weight.device)
-                    .clone())
+            setattr(
+                self, name, tensor.detach().to(dtype=weight.dtype, device=weight.device).clone()
+            )
         self.after_inverses_received()
 
 
@@ -340,8 +368,13 @@ class Conv2dBlock(CurvatureBlock):
 
     def input_rows(self, inputs: Tensor) -> Tensor:
         conv = self.module
-        patches = F.unfold(inputs, conv.kernel_size, dilation=conv.dilation,
-                           padding=conv.padding, stride=conv.stride)  # (N, C*kh*kw, L)
+        patches = F.unfold(
+            inputs,
+            conv.kernel_size,
+            dilation=conv.dilation,
+            padding=conv.padding,
+            stride=conv.stride,
+        )  # (N, C*kh*kw, L)
         return patches.transpose(1, 2).reshape(-1, patches.shape[1])
 
     def output_grad_rows(self, grad_output: Tensor) -> Tensor:
@@ -380,8 +413,12 @@ def make_block(name: str, module: nn.Module, method: ComputeMethod) -> Curvature
     parameters keep their plain gradient)."""
     if isinstance(module, nn.Linear):
         return LinearBlock(name, module, method)
-    if (isinstance(module, nn.Conv2d) and module.groups == 1
-            and module.padding_mode == "zeros" and isinstance(module.padding, tuple)):
+    if (
+        isinstance(module, nn.Conv2d)
+        and module.groups == 1
+        and module.padding_mode == "zeros"
+        and isinstance(module.padding, tuple)
+    ):
         return Conv2dBlock(name, module, method)
     return None
 
@@ -476,7 +513,7 @@ def _unpack(flat: Tensor, tensors: list[Tensor]) -> None:
     offset = 0
     for tensor in tensors:
         count = tensor.numel()
-        tensor.copy_(flat[offset:offset + count].view_as(tensor))
+        tensor.copy_(flat[offset : offset + count].view_as(tensor))
         offset += count
 
 
@@ -522,16 +559,35 @@ def _loss_value(loss: str, output: Tensor, target: Tensor) -> Tensor:
     return F.binary_cross_entropy_with_logits(output, target.reshape(output.shape))
 
 
-def _gauss_newton_form(loss: str, output: Tensor, u: Tensor, v: Tensor) -> Tensor:
-    """u^T H v / M summed over the items: the loss's output Hessian H (mean over M items)."""
+# f'(x) from y = f(x), for the chain's elementwise modules (None: the identity)
+_ELEMENTWISE_DERIVATIVES: dict[type, Callable[[Tensor], Tensor] | None] = {
+    nn.Tanh: lambda y: 1 - y * y,
+    nn.Sigmoid: lambda y: y * (1 - y),
+    nn.ReLU: lambda y: (y > 0).to(y.dtype),
+    nn.Identity: None,
+}
+
+
+def _gauss_newton_gram(loss: str, output: Tensor, tangents: Tensor | list[Tensor]) -> Tensor:
+    """The k x k matrix of u_i^T H u_j / M summed over the M items of the loss (its output
+    Hessian H, as a mean), for the output tangents u_1..u_k (stacked or a list): one
+    product for every pair."""
+    k = len(tangents)
+    tangents = tangents if isinstance(tangents, Tensor) else torch.stack(tangents)
     if loss == "cross_entropy":
-        probs = torch.softmax(output, dim=-1)
-        pu, pv = (probs * u).sum(-1), (probs * v).sum(-1)
-        return ((probs * u * v).sum(-1) - pu * pv).sum() / (output.numel() // output.shape[-1])
+        classes = output.shape[-1]
+        probs = torch.softmax(output.reshape(-1, classes), dim=-1)
+        stacked = tangents.reshape(k, -1, classes)
+        weighted = stacked * probs
+        projected = weighted.sum(-1)  # (k, rows): p . u per row
+        return (
+            weighted.reshape(k, -1) @ stacked.reshape(k, -1).T - projected @ projected.T
+        ) / probs.shape[0]
+    stacked = tangents.reshape(k, -1)
     if loss == "bce":
-        probs = torch.sigmoid(output)
-        return (probs * (1 - probs) * u * v).sum() / output.numel()
-    return 2.0 * (u * v).sum() / output.numel()
+        probs = torch.sigmoid(output).reshape(-1)
+        return (stacked * (probs * (1 - probs))) @ stacked.T / stacked.shape[1]
+    return (stacked @ stacked.T) * (2.0 / stacked.shape[1])
 
 
 # ======================================================================== orchestrator
@@ -551,7 +607,8 @@ class KFACPreconditioner:
       damping: Tikhonov lambda, split between factors with the pi-correction (with
         adapt_damping: its starting value, then Levenberg-Marquardt adapted).
       factor_update_steps / inv_update_steps: how often factors are collected / inverted
-        (hooks do nothing on other steps).
+        (hooks do nothing on other steps). Integer intervals travel in `state_dict`, and a
+        loaded checkpoint's replace the constructor's (the schedule goes on where it was).
       factor_decay: running-average weight of the old factors, in [0, 1) (warm-started).
       kl_clip: scale the update so that lr^2 * sum(precond_grad * grad) <= kl_clip
         (None: no clipping); lr is the wrapped optimizer's learning rate (a schedule).
@@ -597,8 +654,11 @@ class KFACPreconditioner:
         self.factor_update_steps = _checked_interval("factor_update_steps", factor_update_steps)
         self.inv_update_steps = _checked_interval("inv_update_steps", inv_update_steps)
         self.factor_decay = _checked_schedule("factor_decay", factor_decay, lower=0.0, upper=1.0)
-        self.kl_clip = (None if kl_clip is None
-                        else _checked_schedule("kl_clip", kl_clip, lower=0.0, lower_open=True))
+        self.kl_clip = (
+            None
+            if kl_clip is None
+            else _checked_schedule("kl_clip", kl_clip, lower=0.0, lower_open=True)
+        )
         self.lr = _checked_schedule("lr", lr, lower=0.0, lower_open=True)
         if loss is not None and loss not in LOSS_KINDS:
             raise ValueError(f"loss must be one of {list(LOSS_KINDS)}, got {loss!r}")
@@ -609,8 +669,9 @@ class KFACPreconditioner:
         self.loss = loss
         self.rescale = bool(rescale)
         self.rescale_steps = _checked_interval("rescale_steps", rescale_steps)
-        self.adapt_damping = _checked_interval("adapt_damping", adapt_damping or 1) \
-            if adapt_damping else 0
+        self.adapt_damping = (
+            _checked_interval("adapt_damping", adapt_damping or 1) if adapt_damping else 0
+        )
         self.generator = torch.Generator().manual_seed(seed)
         self.communicator: Communicator = communicator or LocalCommunicator()
         self.assignment_policy: WorkAssignment = assignment or CostBalancedAssignment()
@@ -637,6 +698,14 @@ class KFACPreconditioner:
         self.last_rho: float | None = None
         self._inverse_damping: float | None = None
         self._hooks_enabled = True
+        self._named_parameters = list(model.named_parameters())
+        self._chain: list[tuple[str, nn.Module]] | bool | None = None  # see _chain_plan
+        # rescale: each covered parameter's place in its block's gradient matrix
+        self._param_slots: dict[nn.Parameter, tuple[CurvatureBlock, bool]] = {}
+        for block in self.blocks.values():
+            self._param_slots[block.module.weight] = (block, False)
+            if block.has_bias:
+                self._param_slots[block.module.bias] = (block, True)
         self._hooks = []
         for block in self.blocks.values():
             self._hooks.append(block.module.register_forward_hook(self._forward_hook(block)))
@@ -649,8 +718,12 @@ class KFACPreconditioner:
 
     def _forward_hook(self, block: CurvatureBlock):
         def hook(module: nn.Module, inputs: tuple, output: Tensor) -> None:
-            if not (self._hooks_enabled and module.training and torch.is_grad_enabled()
-                    and self.collecting):
+            if not (
+                self._hooks_enabled
+                and module.training
+                and torch.is_grad_enabled()
+                and self.collecting
+            ):
                 return
             block.accumulate_inputs(inputs[0])
             if not output.requires_grad:
@@ -677,8 +750,12 @@ class KFACPreconditioner:
         if not blocks:
             return
         outputs = [out for block in blocks for out in block.outputs]
-        grads = torch.autograd.grad(sampled_loss(self.loss, output, self._noise(output)),
-                                    outputs, retain_graph=True, allow_unused=True)
+        grads = torch.autograd.grad(
+            sampled_loss(self.loss, output, self._noise(output)),
+            outputs,
+            retain_graph=True,
+            allow_unused=True,
+        )
         position = 0
         for block in blocks:
             for out in block.outputs:
@@ -691,11 +768,10 @@ class KFACPreconditioner:
         """One draw for the global batch (world_size equal shards), this rank's slice."""
         rank, world = self.communicator.rank, self.communicator.world_size
         rows = output.shape[0]
-        shape = (output.shape if self.loss != "cross_entropy"
-                 else (*output.shape[:-1], 1))
+        shape = output.shape if self.loss != "cross_entropy" else (*output.shape[:-1], 1)
         draw = torch.rand if self.loss != "mse" else torch.randn
         noise = draw((rows * world, *shape[1:]), generator=self.generator, dtype=output.dtype)
-        return noise[rank * rows:(rank + 1) * rows].to(output.device)
+        return noise[rank * rows : (rank + 1) * rows].to(output.device)
 
     # ---- the step
     @property
@@ -705,8 +781,9 @@ class KFACPreconditioner:
         return float(value_at(self.damping, self.steps))
 
     @torch.no_grad()
-    def step(self, inputs: Tensor | None = None, targets: Tensor | None = None,
-             loss: float | None = None) -> None:
+    def step(
+        self, inputs: Tensor | None = None, targets: Tensor | None = None, loss: float | None = None
+    ) -> None:
         """Preconditions the gradients in place. rescale needs this step's `inputs` and
         `targets` (this worker's shard) and, with adapt_damping, its (global) batch `loss`."""
         step = self.steps
@@ -734,8 +811,10 @@ class KFACPreconditioner:
             if pending:
                 for block in self.blocks.values():
                     block._reset_batch()
-                raise RuntimeError("fisher='sampled': call curvature_backward(output) before "
-                                   f"step() on factor-update steps (layers {pending})")
+                raise RuntimeError(
+                    "fisher='sampled': call curvature_backward(output) before "
+                    f"step() on factor-update steps (layers {pending})"
+                )
         return collecting
 
     def _update_factors(self, decay: float) -> None:
@@ -772,14 +851,19 @@ class KFACPreconditioner:
                 for block in blocks:
                     block.after_inverses_received()
 
-    def _precondition_blocks(self) -> list[tuple[CurvatureBlock, Tensor, Tensor]]:
-        updates = []
+    def _ready_grad_matrices(self) -> list[tuple[CurvatureBlock, Tensor]]:
+        ready = []
         for block in self.blocks.values():
-            grad = block.grad_matrix()
-            if grad is None or not block.ready:
-                continue
-            updates.append((block, grad, block.precondition(grad)))
-        return updates
+            if block.ready:
+                grad = block.grad_matrix()
+                if grad is not None:
+                    ready.append((block, grad))
+        return ready
+
+    def _precondition_blocks(self) -> list[tuple[CurvatureBlock, Tensor, Tensor]]:
+        return [
+            (block, grad, block.precondition(grad)) for block, grad in self._ready_grad_matrices()
+        ]
 
     def _precondition_grads(self, step: int) -> None:
         updates = self._precondition_blocks()
@@ -790,37 +874,61 @@ class KFACPreconditioner:
             lr = float(value_at(self.lr, step))
             kl_clip = float(value_at(self.kl_clip, step))
             # vg = lr^2 * <precond_grad, grad>: the update's size in the Fisher metric
-            vg_sum = torch.stack([torch.vdot(pre.reshape(-1), grad.reshape(-1))
-                                  for _, grad, pre in updates]).sum() * lr**2
+            vg_sum = (
+                torch.stack(
+                    [torch.vdot(pre.reshape(-1), grad.reshape(-1)) for _, grad, pre in updates]
+                ).sum()
+                * lr**2
+            )
             scale = torch.clamp(torch.sqrt(kl_clip / vg_sum.abs().clamp(min=1e-30)), max=1.0)
         for block, _, pre in updates:
             block.set_grad_matrix(pre if scale is None else pre * scale)
 
     # ---- Martens & Grosse 6.4 / 6.5
     def _trainable(self) -> list[tuple[str, nn.Parameter]]:
-        return [(name, p) for name, p in self.model.named_parameters()
-                if p.requires_grad and p.grad is not None]
+        return [
+            (name, p)
+            for name, p in self._named_parameters
+            if p.requires_grad and p.grad is not None
+        ]
 
-    def _rescaled_step(self, step: int, inputs: Tensor, targets: Tensor,
-                       loss: float | None) -> None:
+    def _rescaled_step(
+        self, step: int, inputs: Tensor, targets: Tensor, loss: float | None
+    ) -> None:
+        """Flat vectors in parameter order: the raw gradient g, the preconditioned descent
+        direction Delta (covered layers; other parameters keep -g), delta_prev."""
         named = self._trainable()
         params = [p for _, p in named]
-        raw = torch.cat([p.grad.reshape(-1) for p in params])
-        for block, _, pre in self._precondition_blocks():
-            block.set_grad_matrix(pre)
-        direction = -torch.cat([p.grad.reshape(-1) for p in params])  # Delta
+        grads = [p.grad for p in params]
+        raw = torch.cat([g.reshape(-1) for g in grads])
+        preconditioned = {
+            block: block.precondition(grad) for block, grad in self._ready_grad_matrices()
+        }
+        pieces = []
+        for p, grad in zip(params, grads, strict=True):
+            slot = self._param_slots.get(p)
+            pre = None if slot is None else preconditioned.get(slot[0])
+            if pre is None:
+                pieces.append(grad.reshape(-1))
+            else:
+                columns = slot[0].weight_columns
+                pieces.append(pre[:, columns] if slot[1] else pre[:, :columns].reshape(-1))
+        direction = torch.cat(pieces).neg_()  # Delta
         previous = self.previous_update
         if previous is not None and previous.shape != direction.shape:
             previous = None
         solve = step % self.rescale_steps == 0 or self.alpha_mu == (0.0, 0.0)
         adapt = bool(self.adapt_damping) and step % self.adapt_damping == 0 and loss is not None
         if solve or adapt:
-            alpha, mu, model_decrease = self._quadratic_solve(named, inputs, direction, previous,
-                                                              raw)
+            alpha, mu, model_decrease = self._quadratic_solve(
+                named, inputs, direction, previous, raw
+            )
             if solve:
                 self.alpha_mu = (alpha, mu)
         alpha, mu = self.alpha_mu
-        update = alpha * direction if previous is None else alpha * direction + mu * previous
+        update = direction.mul_(alpha)  # Delta is not needed any more
+        if previous is not None:
+            update.add_(previous, alpha=mu)
         if adapt:
             if solve:
                 decrease = model_decrease
@@ -828,86 +936,172 @@ class KFACPreconditioner:
                 decrease = self._model_value(named, inputs, update, raw)
             self._adapt_damping(named, inputs, targets, update, loss, decrease)
         self.previous_update = update
-        lr = float(value_at(self.lr, step))
-        offset = 0
-        for p in params:  # the wrapped SGD applies -lr * grad = update
-            count = p.numel()
-            p.grad.copy_(update[offset:offset + count].view_as(p), non_blocking=True)
-            p.grad.mul_(-1.0 / lr)
-            offset += count
+        # the wrapped SGD applies -lr * grad = update
+        scaled = update * (-1.0 / float(value_at(self.lr, step)))
+        torch._foreach_copy_(
+            grads,
+            [
+                piece.view_as(p)
+                for piece, p in zip(
+                    torch.split(scaled, [p.numel() for p in params]), params, strict=True
+                )
+            ],
+        )
 
-    def _jvps(self, named, inputs: Tensor, vectors: list[Tensor]) -> tuple[Tensor, list[Tensor]]:
+    def _jvps(self, named, inputs: Tensor, vectors: list[Tensor]) -> tuple[Tensor, Tensor]:
         """The model's output on `inputs` and its directional derivatives along each flat
-        parameter vector (forward mode; K-FAC's hooks are off)."""
-        import torch.autograd.forward_ad as fwad
-        from torch.func import functional_call
-
+        parameter vector, stacked (k, *output.shape). An nn.Sequential of covered nn.Linear
+        layers and parameter-free modules takes one pass for all k vectors (`_chain_jvps`);
+        any other model one forward-mode pass per vector through functional_call."""
+        if self._chain is None:
+            self._chain = self._chain_plan()
+        if self._chain:
+            return self._chain_jvps(named, inputs, vectors)
         sizes = [p.numel() for _, p in named]
+        detached = [p.detach() for _, p in named]
         self._hooks_enabled = False
         try:
             tangents_out = []
             output = None
             for vector in vectors:
                 with fwad.dual_level():
-                    pieces = torch.split(vector, sizes)
-                    duals = {name: fwad.make_dual(p.detach(), piece.view_as(p))
-                             for (name, p), piece in zip(named, pieces, strict=True)}
+                    duals = {
+                        name: fwad.make_dual(p, piece.view_as(p))
+                        for (name, _), p, piece in zip(
+                            named, detached, torch.split(vector, sizes), strict=True
+                        )
+                    }
                     dual_output = functional_call(self.model, duals, (inputs,), strict=False)
-                    primal, tangent = fwad.unpack_dual(dual_output)
-                    output = primal
-                    tangents_out.append(tangent)
+                    output, tangent = fwad.unpack_dual(dual_output)
+                    tangents_out.append(torch.zeros_like(output) if tangent is None else tangent)
         finally:
             self._hooks_enabled = True
-        return output, tangents_out
+        return output, torch.stack(tangents_out)
+
+    def _chain_plan(self) -> list[tuple[str, nn.Module]] | bool:
+        """The model as a chain for `_chain_jvps`, or False: it must be an nn.Sequential whose
+        children are covered nn.Linear layers or modules without parameters."""
+        if not isinstance(self.model, nn.Sequential):
+            return False
+        linear = {
+            id(block.module) for block in self.blocks.values() if isinstance(block, LinearBlock)
+        }
+        plan = []
+        for child in self.model:
+            if id(child) in linear:
+                plan.append(("linear", child))
+            elif next(child.parameters(), None) is not None:
+                return False
+            elif type(child) in _ELEMENTWISE_DERIVATIVES:
+                plan.append(("elementwise", child))
+            else:
+                plan.append(("module", child))
+        return plan
+
+    def _chain_jvps(self, named, inputs: Tensor, vectors: list[Tensor]) -> tuple[Tensor, Tensor]:
+        """Forward mode by hand along the chain, the k tangents batched in a leading
+        dimension: a Linear layer's tangent is W t + dW h + db, an elementwise activation's
+        f'(x) t (closed forms in _ELEMENTWISE_DERIVATIVES); other parameter-free modules go
+        through torch's forward mode with the k tangents folded into the batch."""
+        k = len(vectors)
+        sizes = [p.numel() for _, p in named]
+        splits = [torch.split(vector, sizes) for vector in vectors]
+        tangent_of = {
+            p: [split[i].view_as(p) for split in splits] for i, (_, p) in enumerate(named)
+        }
+        h, t = inputs, None  # the primal and the stacked tangents (k, *h.shape)
+        for kind, module in self._chain:
+            if kind == "linear":
+                weight, bias = module.weight, module.bias
+                out = F.linear(h, weight, bias)
+                rows = h.reshape(-1, h.shape[-1])
+                bias_tangent = tangent_of.get(bias) if bias is not None else None
+                shift = None if bias_tangent is None else torch.stack(bias_tangent).unsqueeze(1)
+                if weight in tangent_of:  # dW h + db, (k, rows, out)
+                    weight_tangent = torch.stack(tangent_of[weight]).mT
+                    contribution = (
+                        torch.matmul(rows, weight_tangent)
+                        if shift is None
+                        else torch.baddbmm(shift, rows.expand(k, *rows.shape), weight_tangent)
+                    )
+                elif shift is not None:
+                    contribution = shift.expand(k, rows.shape[0], shift.shape[-1])
+                else:
+                    contribution = None
+                if t is not None:  # + W t
+                    through = torch.matmul(t.reshape(k, -1, rows.shape[1]), weight.T)
+                    contribution = through if contribution is None else through.add_(contribution)
+                t = None if contribution is None else contribution.reshape(k, *out.shape)
+                h = out
+            elif kind == "elementwise":
+                out = module(h)
+                derivative = _ELEMENTWISE_DERIVATIVES[type(module)]
+                if t is not None and derivative is not None:
+                    t = t * derivative(out)
+                h = out
+            elif t is None:
+                h = module(h)
+            else:
+                rows = h.shape[0]
+                with fwad.dual_level():
+                    dual = fwad.make_dual(
+                        h.repeat(k, *([1] * (h.dim() - 1))), t.reshape(k * rows, *h.shape[1:])
+                    )
+                    primal, tangent = fwad.unpack_dual(module(dual))
+                h = primal[:rows]
+                t = (torch.zeros_like(primal) if tangent is None else tangent).reshape(k, *h.shape)
+        if t is None:
+            t = h.new_zeros(k, *h.shape)
+        return h, t
 
     def _quadratic_solve(self, named, inputs, direction, previous, raw):
         """(alpha, mu) minimizing M(alpha Delta + mu delta_prev) = g^T d + d^T (F + lambda) d / 2
-        with F the batch's exact Gauss-Newton matrix; and M at the minimum (< 0)."""
+        with F the batch's exact Gauss-Newton matrix; and M at the minimum (< 0). One
+        forward-mode pass per vector, one all-reduce, one read of the 2x2 system."""
         lam = self.current_damping
         vectors = [direction] if previous is None else [direction, previous]
-        output, jv = self._jvps(named, inputs, vectors)
-        form = [[0.0] * len(vectors) for _ in vectors]
-        terms = []
-        for i in range(len(vectors)):
-            for j in range(i, len(vectors)):
-                terms.append(_gauss_newton_form(self.loss, output, jv[i], jv[j]))
-        local = torch.stack(terms).to(torch.float64)
-        self.communicator.all_reduce_mean([local])
-        k = 0
-        for i in range(len(vectors)):
-            for j in range(i, len(vectors)):
-                value = float(local[k]) + lam * float(torch.vdot(vectors[i], vectors[j]))
-                form[i][j] = form[j][i] = value
-                k += 1
-        linear = [float(torch.vdot(raw, v)) for v in vectors]
-        matrix = torch.tensor(form, dtype=torch.float64)
-        rhs = torch.tensor(linear, dtype=torch.float64)
-        if len(vectors) == 2 and float(torch.linalg.det(matrix)) > 1e-12 * float(
-                matrix.diagonal().prod()):
-            solution = -torch.linalg.solve(matrix, rhs)
-        else:
-            solution = torch.tensor([-linear[0] / max(form[0][0], 1e-30), 0.0],
-                                    dtype=torch.float64)
-            if len(vectors) == 1:
-                solution = solution[:1]
-        alpha = float(solution[0])
-        mu = float(solution[1]) if len(vectors) == 2 else 0.0
-        return alpha, mu, 0.5 * float(solution @ rhs)
+        k = len(vectors)
+        output, tangents = self._jvps(named, inputs, vectors)
+        gram = _gauss_newton_gram(self.loss, output, tangents).to(torch.float64)
+        self.communicator.all_reduce_mean([gram])
+        stacked = torch.stack([*vectors, raw])
+        inner = (stacked @ stacked.T).to(torch.float64)  # <v_i, v_j> and <v_i, g>
+        values = torch.cat([gram.reshape(-1), inner.reshape(-1)]).tolist()
+        form = [
+            [values[i * k + j] + lam * values[k * k + i * (k + 1) + j] for j in range(k)]
+            for i in range(k)
+        ]
+        linear = [values[k * k + i * (k + 1) + k] for i in range(k)]
+        alpha, mu = -linear[0] / max(form[0][0], 1e-30), 0.0
+        if k == 2:
+            det = form[0][0] * form[1][1] - form[0][1] * form[1][0]
+            if det > 1e-12 * form[0][0] * form[1][1]:
+                alpha = -(form[1][1] * linear[0] - form[0][1] * linear[1]) / det
+                mu = -(form[0][0] * linear[1] - form[1][0] * linear[0]) / det
+        return alpha, mu, 0.5 * (alpha * linear[0] + mu * (linear[1] if k == 2 else 0.0))
 
     def _model_value(self, named, inputs, update, raw) -> float:
-        output, (jv,) = self._jvps(named, inputs, [update])
-        local = _gauss_newton_form(self.loss, output, jv, jv).to(torch.float64).reshape(1)
-        self.communicator.all_reduce_mean([local])
-        curvature = float(local[0]) + self.current_damping * float(torch.vdot(update, update))
-        return float(torch.vdot(raw, update)) + 0.5 * curvature
+        output, tangents = self._jvps(named, inputs, [update])
+        gram = _gauss_newton_gram(self.loss, output, tangents).to(torch.float64).reshape(1)
+        self.communicator.all_reduce_mean([gram])
+        stacked = torch.stack([update, raw])
+        inner = (stacked @ update).tolist()
+        curvature = float(gram[0]) + self.current_damping * inner[0]
+        return inner[1] + 0.5 * curvature
 
     def _adapt_damping(self, named, inputs, targets, update, loss, decrease) -> None:
         """Levenberg-Marquardt: rho = actual / predicted reduction of this step."""
-        from torch.func import functional_call
-
-        sizes = [p.numel() for _, p in named]
-        moved = {name: p.detach() + piece.view_as(p)
-                 for (name, p), piece in zip(named, torch.split(update, sizes), strict=True)}
+        detached = [p.detach() for _, p in named]
+        shifted = torch._foreach_add(
+            detached,
+            [
+                piece.view_as(p)
+                for piece, p in zip(
+                    torch.split(update, [p.numel() for p in detached]), detached, strict=True
+                )
+            ],
+        )
+        moved = {name: tensor for (name, _), tensor in zip(named, shifted, strict=True)}
         self._hooks_enabled = False
         try:
             output = functional_call(self.model, moved, (inputs,), strict=False)
@@ -929,14 +1123,21 @@ class KFACPreconditioner:
 
     # ---- checkpoints: a flat dict of tensors (safetensors-ready, no pickle)
     def state_dict(self) -> dict[str, Tensor]:
-        state = {"steps": torch.tensor(self.steps, dtype=torch.int64),
-                 "factor_updates": torch.tensor(self.factor_updates, dtype=torch.int64),
-                 "lm_damping": torch.tensor(self.lm_damping, dtype=torch.float64),
-                 "alpha_mu": torch.tensor(self.alpha_mu, dtype=torch.float64),
-                 "inverse_damping": torch.tensor(
-                     math.nan if self._inverse_damping is None else self._inverse_damping,
-                     dtype=torch.float64),
-                 "generator": self.generator.get_state()}
+        state = {
+            "steps": torch.tensor(self.steps, dtype=torch.int64),
+            "factor_updates": torch.tensor(self.factor_updates, dtype=torch.int64),
+            "lm_damping": torch.tensor(self.lm_damping, dtype=torch.float64),
+            "alpha_mu": torch.tensor(self.alpha_mu, dtype=torch.float64),
+            "inverse_damping": torch.tensor(
+                math.nan if self._inverse_damping is None else self._inverse_damping,
+                dtype=torch.float64,
+            ),
+            "generator": self.generator.get_state(),
+        }
+        for name in _INTERVALS:  # callables are code, not state: the caller passes them again
+            interval = getattr(self, name)
+            if not callable(interval):
+                state[name] = torch.tensor(interval, dtype=torch.int64)
         if self.previous_update is not None:
             state["previous_update"] = self.previous_update.detach().clone()
         for name, block in self.blocks.items():
@@ -946,8 +1147,16 @@ class KFACPreconditioner:
 
     def load_state_dict(self, state: dict[str, Tensor]) -> None:
         per_block: dict[str, dict[str, Tensor]] = {name: {} for name in self.blocks}
-        scalars = {"steps", "factor_updates", "lm_damping", "alpha_mu", "generator",
-                   "previous_update", "inverse_damping"}
+        scalars = {
+            "steps",
+            "factor_updates",
+            "lm_damping",
+            "alpha_mu",
+            "generator",
+            "previous_update",
+            "inverse_damping",
+            *_INTERVALS,
+        }
         for key, tensor in state.items():
             if key in scalars:
                 continue
@@ -957,8 +1166,13 @@ class KFACPreconditioner:
             per_block[name][entry] = tensor
         if "steps" not in state:
             raise ValueError("K-FAC state has no 'steps' entry")
+        intervals = {
+            name: _checked_interval(name, int(state[name])) for name in _INTERVALS if name in state
+        }
         for name, entries in per_block.items():
             self.blocks[name].load_state_tensors(entries)
+        for name, interval in intervals.items():  # the checkpoint's schedule goes on
+            setattr(self, name, interval)
         self.steps = int(state["steps"])
         # older checkpoints: every factor-update step so far counted
         self.factor_updates = int(state.get("factor_updates", torch.tensor(self.steps)))
@@ -968,19 +1182,25 @@ class KFACPreconditioner:
             self.alpha_mu = tuple(float(v) for v in state["alpha_mu"].tolist())
         if "generator" in state:
             self.generator.set_state(state["generator"].to(torch.uint8).cpu())
-        self.previous_update = (state["previous_update"].detach().clone()
-                                if "previous_update" in state else None)
+        self.previous_update = (
+            state["previous_update"].detach().clone() if "previous_update" in state else None
+        )
         inverse_damping = float(state.get("inverse_damping", torch.tensor(math.nan)))
         self._inverse_damping = None if math.isnan(inverse_damping) else inverse_damping
 
 
-def _checked_schedule(name: str, value, *, lower: float | None = None, upper: float | None = None,
-                      lower_open: bool = False):
+def _checked_schedule(
+    name: str,
+    value,
+    *,
+    lower: float | None = None,
+    upper: float | None = None,
+    lower_open: bool = False,
+):
     if callable(value):
         return value
     if isinstance(value, bool) or not isinstance(value, int | float) or not math.isfinite(value):
-        raise ValueError(f"{name} must be a finite number or a callable of the step, "
-                         f"got {value!r}")
+        raise ValueError(f"{name} must be a finite number or a callable of the step, got {value!r}")
     if lower is not None and (value < lower or (lower_open and value == lower)):
         raise ValueError(f"{name} must be {'>' if lower_open else '>='} {lower}, got {value}")
     if upper is not None and value >= upper:
@@ -988,12 +1208,16 @@ def _checked_schedule(name: str, value, *, lower: float | None = None, upper: fl
     return float(value)
 
 
+_INTERVALS = ("factor_update_steps", "inv_update_steps")
+
+
 def _checked_interval(name: str, value):
     if callable(value):
         return value
     if isinstance(value, bool) or not isinstance(value, int) or value < 1:
-        raise ValueError(f"{name} must be a positive integer or a callable of the step, "
-                         f"got {value!r}")
+        raise ValueError(
+            f"{name} must be a positive integer or a callable of the step, got {value!r}"
+        )
     return value
 
 
