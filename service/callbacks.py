@@ -21,7 +21,6 @@ import logging
 import math
 import sys
 import time
-from collections.abc import AsyncIterator
 from dataclasses import dataclass
 
 import grpc
@@ -48,6 +47,7 @@ log = logging.getLogger("secant.callbacks")
 
 _TORCH = {"float64": torch.float64, "float32": torch.float32}
 _SNAPSHOT_INTERVAL_S = 0.2
+_inference_mode = torch.inference_mode
 _LITTLE_ENDIAN = sys.byteorder == "little"
 
 
@@ -85,9 +85,11 @@ class CallbackJobs:
 
     async def session(
         self, context: grpc.aio.ServicerContext, caller: Caller | None = None
-    ) -> AsyncIterator[pb.CallbackServerMessage]:
-        """One SolveWithCallbacks stream: starts or resumes a job and drives its solver. A
-        caller resumes only its own jobs (another's is JobNotFound)."""
+    ) -> None:
+        """One SolveWithCallbacks stream: starts or resumes a job and drives its solver,
+        writing its messages with `context.write` (none of them travels up the servicer's and
+        the interceptors' async generators). A caller resumes only its own jobs (another's
+        is JobNotFound)."""
         first = await self._read(context, self._settings.first_message_deadline_s, "start")
         if first is None:
             return
@@ -111,8 +113,7 @@ class CallbackJobs:
         try:
             live.on_cancel = driver.cancel
             self._jobs.set_state(live, pb.RUNNING, "resumed" if start.resume_job_id else "")
-            async for message in driver.run(context, queue):
-                yield message
+            await driver.run(context, queue)
         except (asyncio.CancelledError, GeneratorExit):
             driver.suspend("the caller's stream was cancelled")
             raise
@@ -213,6 +214,8 @@ class _Driver:
         self._reading_since: float | None = None
         self._reader: asyncio.Task | None = None
         self._deadline_hit = False
+        # Iterate events taken at iteration boundaries, recorded once the next request is sent.
+        self._pending_iterates: list[IterateEvent] = []
 
     async def _read(self, context):
         """The caller's answer; None when it has gone (half-close). TimeoutError when it has
@@ -255,75 +258,108 @@ class _Driver:
         if self.finished or self.suspended:
             return
         self.suspended = True
+        self._record_pending()
         last = None
         if self.state is not None:  # between steps x, f, g are the last accepted iterate's
             last = _cancelled_result(self.spec, self.state, "")
         self.owner.suspend(self.live, self.checkpoint, self.request_id, reason, last)
 
-    async def run(self, context, queue: asyncio.Queue) -> AsyncIterator[pb.CallbackServerMessage]:
-        jobs, metrics = self.owner._jobs, self.owner._jobs.metrics
-        settings = self.owner._settings
+    async def run(self, context, queue: asyncio.Queue) -> None:
+        """Feeds the solver until it returns, writing requests (with the job's new events)
+        and reading answers. The solver's steps run in inference mode (no autograd dispatch:
+        nothing here differentiates), entered around each synchronous stretch and never
+        across an await, so other tasks on the loop never run in it."""
+        jobs = self.owner._jobs
+        roundtrip = jobs.metrics.callback_roundtrip
+        write = context.write
         run = self.solve.run()
-        every = self.spec.report_x_every
         try:
-            item = next(run)
+            with _inference_mode():
+                item = self._advance(run, next(run))
             while True:
-                if isinstance(item, IterationDone):
-                    self.state = item.state
-                    self._checkpoint(item.state)
-                    info = self.solve.iterate_info(item.state)
-                    x = None
-                    if every > 0 and info.nit % every == 0:
-                        x = info.x.detach().cpu().numpy().copy()
-                    await jobs.record(self.live, IterateEvent(
-                        iteration=info.nit, f=info.f, grad_norm=info.grad_norm,
-                        step_size=info.step_size, nfev=info.nfev, njev=info.njev,
-                        elapsed_s=info.elapsed_s, x=x,
-                    ))
-                    item = run.send(None)
-                    continue
                 request_id = self.request_id
                 self.request_id += 1
-                sent = time.perf_counter()
                 message = pb.CallbackServerMessage()
                 _fill_request(message.request, request_id, item)  # in place: no copy of x
                 if not queue.empty():
                     message.events.extend(_pending(queue))
-                yield message
+                sent = time.perf_counter()
+                await write(message)
+                # The caller evaluates now: record what the solver reported meanwhile.
+                self._record_pending()
                 try:
                     reply = await self._read(context)
                 except TimeoutError:
-                    self.finished = True
-                    await jobs.record(self.live, FailureEvent(
-                        "DEADLINE_EXCEEDED",
+                    why = (
                         f"the caller did not answer evaluation request {request_id} within"
-                        f" {settings.evaluation_deadline_s:g} s (--callback-eval-deadline-s)",
-                    ))
-                    for message in _drain(queue):
-                        yield message
+                        f" {self._deadline_s:g} s (--callback-eval-deadline-s)"
+                    )
+                    await self._fail(context, queue, "DEADLINE_EXCEEDED", why)
                     return
                 if reply is None:
                     self.suspend("the caller closed its stream")
                     return
-                metrics.callback_roundtrip.observe(time.perf_counter() - sent)
+                roundtrip.observe(time.perf_counter() - sent)
                 try:
-                    evaluation = self._evaluation(reply, request_id, item)
+                    with _inference_mode():
+                        evaluation = self._evaluation(reply, request_id, item)
+                        item = self._advance(run, run.send(evaluation))
                 except CallerProtocolError as exc:
-                    self.finished = True
-                    await jobs.record(self.live, FailureEvent("INVALID_ARGUMENT", str(exc)))
-                    for message in _drain(queue):
-                        yield message
+                    await self._fail(context, queue, "INVALID_ARGUMENT", str(exc))
                     return
-                item = run.send(evaluation)
         except StopIteration as done:
             result = done.value
         finally:
             if self._watchdog is not None:
                 self._watchdog.cancel()
         self.finished = True
+        self._record_pending()
         await jobs.record(self.live, _result_event(result))
-        for message in _drain(queue):
-            yield message
+        await _drain(context, queue)
+
+    def _advance(self, run, item):
+        """Past the IterationDone markers (checkpoint, iterate event) to the next request;
+        StopIteration when the solver returns."""
+        while isinstance(item, IterationDone):
+            state = self.state = item.state
+            self._checkpoint(state)
+            self._pending_iterates.append(self._iterate_event(state))
+            item = run.send(None)
+        return item
+
+    def _record_pending(self) -> None:
+        """Records the iterate events taken at the last iteration boundaries. The driver
+        calls it once the next request is on its way (off the round trip's critical path)
+        and before anything else is recorded (failure, suspension, result), so the job's log
+        keeps the solver's order."""
+        if self._pending_iterates:
+            record = self.owner._jobs.record_iterate
+            for event in self._pending_iterates:
+                record(self.live, event)
+            self._pending_iterates.clear()
+
+    def _iterate_event(self, state: SolveState) -> IterateEvent:
+        info = self.solve.iterate_info(state)
+        every = self.spec.report_x_every
+        x = None
+        if every > 0 and info.nit % every == 0:
+            x = info.x.detach().cpu().numpy().copy()
+        return IterateEvent(
+            iteration=info.nit,
+            f=info.f,
+            grad_norm=info.grad_norm,
+            step_size=info.step_size,
+            nfev=info.nfev,
+            njev=info.njev,
+            elapsed_s=info.elapsed_s,
+            x=x,
+        )
+
+    async def _fail(self, context, queue: asyncio.Queue, code: str, message: str) -> None:
+        self.finished = True
+        self._record_pending()
+        await self.owner._jobs.record(self.live, FailureEvent(code, message))
+        await _drain(context, queue)
 
     def _checkpoint(self, state: SolveState) -> None:
         """Keeps a copy of the state at this iteration boundary, every few tenths of a second
@@ -412,11 +448,12 @@ def _pending(queue: asyncio.Queue) -> list[pb.JobEvent]:
     return events
 
 
-def _drain(queue: asyncio.Queue):
+async def _drain(context, queue: asyncio.Queue) -> None:
+    """Writes the job's remaining events (its final one among them) to the caller."""
     while not queue.empty():
         event = queue.get_nowait()
         if event is not None:
-            yield pb.CallbackServerMessage(event=event)
+            await context.write(pb.CallbackServerMessage(event=event))
 
 
 def _fill_request(message: pb.EvaluationRequest, request_id: int, request: EvalRequest) -> None:

@@ -447,23 +447,7 @@ class JobManager:
             self._pending_checkpoints[live.job.job_id] = event.state
             return
         if isinstance(event, IterateEvent):
-            last = live.last_iterate
-            if last is not None and event.iteration <= last.iteration:
-                return  # replayed after a resume from an older checkpoint: already reported
-            iterate = pb.Iterate(
-                iteration=event.iteration,
-                f=event.f,
-                grad_norm=event.grad_norm,
-                step_size=event.step_size,
-                nfev=event.nfev,
-                njev=event.njev,
-                elapsed_s=event.elapsed_s,
-            )
-            if event.x is not None:
-                iterate.x.CopyFrom(encode_tensor(event.x))
-                live.last_x = iterate.x
-            live.last_iterate = iterate
-            self._emit(live, iterate=iterate)
+            self.record_iterate(live, event)
         elif isinstance(event, ResultEvent):
             result = pb.Result(
                 x=encode_tensor(event.x),
@@ -766,6 +750,29 @@ class JobManager:
     async def record(self, live: _LiveJob, event: IterateEvent | ResultEvent | FailureEvent):
         """An iterate, result or failure of a job whose solver runs outside Ray."""
         await self._on_worker_event(live, event)
+
+    def record_iterate(self, live: _LiveJob, event: IterateEvent) -> None:
+        """An iterate (numbered, queued for the store's next batched write, then fanned out
+        to watchers); one from before the last reported iterate (a resume from an older
+        checkpoint replays a few) is dropped. Never waits: callback jobs record one per
+        iteration between two evaluations."""
+        last = live.last_iterate
+        if last is not None and event.iteration <= last.iteration:
+            return
+        iterate = pb.Iterate(
+            iteration=event.iteration,
+            f=event.f,
+            grad_norm=event.grad_norm,
+            step_size=event.step_size,
+            nfev=event.nfev,
+            njev=event.njev,
+            elapsed_s=event.elapsed_s,
+        )
+        if event.x is not None:
+            iterate.x.CopyFrom(encode_tensor(event.x))
+            live.last_x = iterate.x
+        live.last_iterate = iterate
+        self._emit(live, iterate=iterate)
 
     @staticmethod
     def stored_events(live: _LiveJob) -> list[pb.JobEvent]:

@@ -100,8 +100,11 @@ class OptimizerServicer(pb_grpc.OptimizerServicer):
 
     @grpc_stream_errors
     async def SolveWithCallbacks(self, request_iterator, context):
-        async for message in self._callbacks.session(context, current_caller()):
-            yield message
+        # The session writes its messages itself (context.write): an evaluation request
+        # does not travel up this generator, the error mapping's and the interceptors'.
+        await self._callbacks.session(context, current_caller())
+        return
+        yield  # an async generator still: the shape the interceptors wrap
 
     @grpc_stream_errors
     async def Train(self, request, context):
