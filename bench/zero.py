@@ -15,8 +15,15 @@ batch 32 at lr 0.1; batch 256 with linear scaling (lr 0.8) and linear warmup ove
 `--warmup-epochs`; batch 256 at lr 0.1 (no scaling); batch 256 at lr 0.8 without warmup.
 Validation accuracy, mean and spread over seeds.
 
+`--malloc-thresholds` pins glibc's mmap and trim thresholds in both workers (mallopt; what
+jemalloc / tcmalloc do by default) for every stage alike: freed blocks stay with the process
+instead of going back to the OS and being page-faulted in again on the next step. DDP does
+not notice (it re-allocates little); the sharded stages do, stage 3 most (FSDP2 gathers and
+frees each unit's parameters twice a step). Off by default: the table then shows what a
+stock worker gets.
+
     python bench/zero.py [--steps 12] [--epochs 30] [--seeds 3] [--skip-zero]
-                         [--skip-large-batch]
+                         [--skip-large-batch] [--malloc-thresholds]
 """
 
 from __future__ import annotations
@@ -72,9 +79,20 @@ def _adam(params):
     return torch.optim.Adam(params, lr=1e-4)
 
 
-def _worker(rank: int, port: int, steps: int, out_dir: str) -> None:
+def _pin_malloc_thresholds() -> None:
+    import ctypes
+
+    libc = ctypes.CDLL("libc.so.6")
+    m_trim_threshold, m_mmap_threshold = -1, -3  # glibc's malloc.h
+    if not (libc.mallopt(m_mmap_threshold, 32 * MB) and libc.mallopt(m_trim_threshold, 2**30)):
+        raise RuntimeError("mallopt refused the thresholds")
+
+
+def _worker(rank: int, port: int, steps: int, out_dir: str, malloc_thresholds: bool) -> None:
     torch.set_num_threads(1)
     try:
+        if malloc_thresholds:
+            _pin_malloc_thresholds()
         dist.init_process_group(
             "gloo",
             init_method=f"tcp://127.0.0.1:{port}",
@@ -120,13 +138,17 @@ class _Null:
         return None
 
 
-def zero_tables(steps: int) -> None:
+def zero_tables(steps: int, malloc_thresholds: bool = False) -> None:
     with socket.socket() as sock:
         sock.bind(("127.0.0.1", 0))
         port = sock.getsockname()[1]
     with tempfile.TemporaryDirectory() as tmp:
         mp.start_processes(
-            _worker, args=(port, steps, tmp), nprocs=WORLD, join=True, start_method="spawn"
+            _worker,
+            args=(port, steps, tmp, malloc_thresholds),
+            nprocs=WORLD,
+            join=True,
+            start_method="spawn",
         )
         results = [
             torch.load(os.path.join(tmp, f"{r}.pt"), weights_only=False) for r in range(WORLD)
@@ -166,8 +188,10 @@ def zero_tables(steps: int) -> None:
 
     times = {s: results[0]["times"][s] for s in results[0]["times"]}
     base = statistics.median(times[0])
+    allocator = "glibc mmap / trim thresholds pinned" if malloc_thresholds else "stock glibc malloc"
     print(
-        f"\n### Step time, median of {steps} round-robin steps (slower worker), relative to DDP\n"
+        f"\n### Step time, median of {steps} round-robin steps (slower worker), relative to "
+        f"DDP ({allocator})\n"
     )
     print("| stage | implementation | median ms | vs DDP | FACTS.md library ratio |")
     print("|---|---|---|---|---|")
@@ -265,11 +289,16 @@ def main() -> None:
     parser.add_argument("--warmup-epochs", type=int, default=5)
     parser.add_argument("--skip-zero", action="store_true")
     parser.add_argument("--skip-large-batch", action="store_true")
+    parser.add_argument(
+        "--malloc-thresholds",
+        action="store_true",
+        help="pin glibc's mmap / trim thresholds in the workers (every stage alike)",
+    )
     args = parser.parse_args()
     start = time.perf_counter()
     torch.set_num_threads(1)
     if not args.skip_zero:
-        zero_tables(args.steps)
+        zero_tables(args.steps, args.malloc_thresholds)
     if not args.skip_large_batch:
         large_batch_table(args.epochs, args.seeds, args.warmup_epochs)
     print(f"\n(total {time.perf_counter() - start:.0f} s)")

@@ -169,6 +169,54 @@ def test_every_stage_at_two_workers_follows_one_worker_training():
         assert result[("bf16", 3)] == pytest.approx(expected_losses[:5], rel=3e-2)
 
 
+def _stage3_paths(rank: int) -> dict:
+    """5 steps each: (a) no module matches shard_modules, so the root holds every parameter
+    and its reduce-scatter runs inside FSDP2's end-of-backward callback; (b) two
+    synchronising backward passes per step (the second adds into .grad) after
+    zero_grad(set_to_none=False)."""
+    X, y = _data()
+    rows = GLOBAL_BATCH // WORLD
+    out = {}
+    model, optimizer = wrap(_mlp(), _adam, ShardingPlan(stage=3, shard_modules=(nn.Conv1d,)))
+    losses = []
+    for step in range(5):
+        optimizer.zero_grad()
+        xb, yb = (t[step, rank * rows : (rank + 1) * rows] for t in (X, y))
+        loss = nn.functional.cross_entropy(model(xb), yb)
+        loss.backward()
+        optimizer.step()
+        mean = loss.detach().clone()
+        dist.all_reduce(mean)
+        losses.append(mean.item() / WORLD)
+    out["root"] = losses
+    model, optimizer = wrap(_mlp(), _adam, ShardingPlan(stage=3))
+    losses = []
+    for step in range(5):
+        optimizer.zero_grad(set_to_none=False)
+        xb, yb = (t[step, rank * rows : (rank + 1) * rows] for t in (X, y))
+        total = 0.0
+        for xh, yh in zip(xb.chunk(2), yb.chunk(2), strict=True):
+            loss = nn.functional.cross_entropy(model(xh), yh) / 2
+            loss.backward()
+            total += loss.item()
+        optimizer.step()
+        mean = torch.tensor([total])
+        dist.all_reduce(mean)
+        losses.append(mean.item() / WORLD)
+    out["two_backwards"] = losses
+    return out
+
+
+def test_stage_3_root_only_and_gradients_added_across_backwards():
+    expected_losses, _ = _reference_losses()
+
+    results = _run_workers(_stage3_paths)
+
+    for result in results:
+        for key in ("root", "two_backwards"):
+            assert result[key] == pytest.approx(expected_losses[:5], rel=1e-4, abs=1e-5), key
+
+
 WIDTH, DEPTH = 512, 4  # P = 4 * (512 * 512 + 512) ~ 1.05M: padding cannot dominate
 
 

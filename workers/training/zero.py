@@ -21,8 +21,10 @@ stage  implementation                                        held per worker
                                                              tensors split evenly)
 2      torch ZeroRedundancyOptimizer + reduce-to-owner       4P + 4P/N + 8P/N (the same
        gradient hooks (_ReduceToOwner, below)                whole-tensor balance)
-3      FSDP2 fully_shard(reshard_after_forward=True)         16P/N at rest; one wrapped
-       (params re-gathered in backward)                      block's 4P_block while it runs
+3      FSDP2 fully_shard(reshard_after_forward=True)         16P/N at rest; the running
+       (params re-gathered in backward); on gloo,            unit's 4P_unit and the
+       point-to-point all-gather / reduce-scatter and        prefetched one's while a step
+       forward prefetch (_P2PAllGather, below)               runs
 =====  ====================================================  ================================
 
 Why stage 2 is not a library call: ZeRO-2 as the paper defines it keeps the parameters
@@ -143,7 +145,7 @@ class ShardingPlan:
             ZeroStage.DDP: "DistributedDataParallel",
             ZeroStage.OPTIMIZER: "DDP + ZeroRedundancyOptimizer",
             ZeroStage.GRADIENTS: "ZeroRedundancyOptimizer + reduce-to-owner grad hooks",
-            ZeroStage.PARAMETERS: "FSDP2 fully_shard(reshard_after_forward=True)",
+            ZeroStage.PARAMETERS: "FSDP2 fully_shard(reshard_after_forward=True) + prefetch",
         }[ZeroStage(self.stage)]
 
 
@@ -379,8 +381,235 @@ def _fully_shard(
         units = [m for m in model.modules() if m is not model and isinstance(m, plan.shard_modules)]
     for unit in reversed(units):  # innermost first, as fully_shard expects
         fully_shard(unit, mesh=mesh, reshard_after_forward=True, mp_policy=policy)
+    # The root too: a parameter no unit holds is sharded here, and after forward (FSDP2's
+    # default for the root would keep its parameters gathered into backward; the memory
+    # probe would then count them, above 16P/N).
     fully_shard(model, mesh=mesh, reshard_after_forward=True, mp_policy=policy)
+    if dist.get_backend(group) == "gloo" and dist.get_world_size(group) > 1:
+        _use_point_to_point(model, units)
     return model
+
+
+# ---------------------------------------------------------------- stage 3 on gloo (CPU)
+#
+# FSDP2 on CPU has no streams to overlap with: each all-gather and reduce-scatter blocks the
+# one compute thread, and gloo's reduce_scatter_single is an all-reduce of the whole input
+# (twice the bytes) plus a clone. On bench/zero.py's model at 2 gloo workers that put stage 3
+# at 1.8-2.7x DDP's step (2.4-2.5x on a quiet machine). Here every FSDP unit gets
+# (FSDPModule.set_custom_all_gather / set_custom_reduce_scatter):
+#   - _P2PAllGather: each rank sends its shard to every other rank and receives theirs into
+#     FSDP2's output buffer (isend / irecv); it returns the pending messages as a Work, which
+#     FSDP2 waits on only when it needs the parameters, so the prefetches below overlap.
+#   - _P2PReduceScatter: each rank sends chunk j of the unit's gradient to rank j and sums
+#     what it receives into its own chunk ((N-1)/N of an all-reduce's bytes); finishing that
+#     sum waits until the next unit's reduce-scatter starts (or backward ends), so the
+#     messages travel while the next unit's backward computes. At most one reduce-scatter is
+#     in flight, as FSDP2 keeps on GPU: one unit's gradient plus a chunk. The output (the
+#     unit's sharded .grad) is reused by the next step's reduce-scatter once zero_grad has
+#     set .grad to None (a fresh one while a .grad is still there to add into), so the 4P/N
+#     of gradients is allocated once, like DDP's buckets (gradient_as_bucket_view: a .grad
+#     kept past zero_grad(set_to_none=True) is overwritten by the next backward).
+#   - forward prefetch: once the first forward has shown the order the units run in, each
+#     unit's pre-forward starts the all-gather of the next (FSDP2's backward already
+#     prefetches the previous one). At most two units are gathered at once.
+# Memory between steps is 16P/N; inside a step, the gathered parameters of the running unit
+# and the prefetched one, and one unit's reduce buffers, as with FSDP2 on GPU.
+# Measured (quiet machine): 1.65-1.8x DDP's step with stage 3 and DDP alone in the round-
+# robin, 1.85-2.05x in bench/zero.py's round-robin of all four stages, where glibc's heap
+# history decides how much of the per-step 4 MB blocks (FSDP2's gathered parameters, the
+# gradients autograd makes) it returns to the OS and page-faults back in (0-12k faults a
+# step); with glibc's mmap / trim thresholds pinned (bench/zero.py --malloc-thresholds:
+# what jemalloc / tcmalloc would do) 1.7-1.75x (once 1.87x). Fewer, larger units are
+# faster here (each collective costs a fixed latency between two processes on two cores;
+# thresholds pinned: 2 layers a unit 1.5x, 5 layers 1.35x, the root alone keeping its
+# parameters gathered from forward into backward 1.05x), but gather that much more at once
+# (the root alone: 4P, as stage 2 holds), so the units stay as _default_units /
+# shard_modules say.
+
+_AG_TAG, _RS_TAG = 0x5EC3, 0x5EC4  # point-to-point tags used only by these two comms
+
+
+class _PendingMessages(dist.Work):
+    """Point-to-point messages in flight, as the one Work FSDP2 waits on."""
+
+    def __init__(self, works: list) -> None:
+        super().__init__()
+        self.works = works
+
+    def wait(self, timeout: Any = None) -> bool:
+        works, self.works = self.works, []
+        for work in works:
+            work.wait()
+        return True
+
+
+class _P2PAllGather:
+    """FSDP2's all-gather (rank r's shard into row r of `output_tensor`), one isend and one
+    irecv per peer. Always returns a pending Work: FSDP2 waits on it before copying out."""
+
+    def allocate(self, size, *, dtype: torch.dtype, device: torch.device) -> torch.Tensor:
+        return torch.empty(size, dtype=dtype, device=device)
+
+    def __call__(self, output_tensor, input_tensor, group, async_op: bool = False):
+        n, rank = group.size(), group.rank()
+        rows = output_tensor.view(n, -1)
+        if rows[rank].data_ptr() != input_tensor.data_ptr():  # FSDP2 copies in in place
+            rows[rank].copy_(input_tensor)
+        works = []
+        for k in range(1, n):
+            dst, src = (rank + k) % n, (rank - k) % n
+            works.append(dist.irecv(rows[src], group=group, group_src=src, tag=_AG_TAG))
+            works.append(dist.isend(input_tensor, group=group, group_dst=dst, tag=_AG_TAG))
+        return _PendingMessages(works)
+
+
+class _Reduce:
+    """One reduce-scatter in flight: messages, then this rank's chunk plus what it received."""
+
+    def __init__(
+        self, works: list, mine: torch.Tensor, received: torch.Tensor, out: torch.Tensor, divide
+    ) -> None:
+        self.works, self.mine, self.received = works, mine, received
+        self.out, self.divide = out, divide
+
+    def finish(self) -> None:
+        for work in self.works:
+            work.wait()
+        if self.received.shape[0] == 1:
+            torch.add(self.mine, self.received[0], out=self.out)
+        else:
+            torch.sum(self.received, dim=0, out=self.out)
+            self.out.add_(self.mine)
+        if self.divide != 1:
+            self.out.div_(self.divide)
+        self.works, self.mine, self.received = [], None, None
+
+
+class _InFlight:
+    """The reduce-scatters of one model not yet finished: at most one, and none once the
+    backward that issued it returns (an autograd end-of-backward callback finishes it)."""
+
+    def __init__(self) -> None:
+        self.pending: deque[_Reduce] = deque()
+        self.graph_task = -1  # the backward whose callback will finish `pending`
+
+    def add(self, reduce: _Reduce) -> None:
+        task = torch._C._current_graph_task_id()
+        if task != self.graph_task:
+            self.finish_all()  # a backward that raised left them (or none are pending)
+            if task == -1:  # not inside backward: nothing would finish it later
+                reduce.finish()
+                return
+            torch.autograd.Variable._execution_engine.queue_callback(self.finish_all)
+            self.graph_task = task
+        while self.pending:
+            self.pending.popleft().finish()
+        self.pending.append(reduce)
+
+    def finish_all(self) -> None:
+        try:
+            while self.pending:
+                self.pending.popleft().finish()
+        finally:
+            self.graph_task = -1
+
+
+class _P2PReduceScatter:
+    """FSDP2's reduce-scatter of one unit: chunk j of the flat gradient to rank j, summed (and
+    averaged for AVG) into `output_tensor`, which FSDP2 makes the sharded .grad. The sum is
+    deferred (_InFlight) only when FSDP2 will not read the output before backward ends: no
+    .grad to add into and no post-accumulate-grad hook on the unit's parameters, and no
+    dtype cast after the reduce. Other reduce ops go to gloo's own reduce_scatter_single."""
+
+    def __init__(self, params: list[nn.Parameter], in_flight: _InFlight) -> None:
+        self.params, self.in_flight = params, in_flight
+        self.gradients: torch.Tensor | None = None  # the unit's sharded .grad storage
+
+    def allocate(self, size, *, dtype: torch.dtype, device: torch.device) -> torch.Tensor:
+        kept = self.gradients
+        if (
+            kept is not None
+            and kept.shape == torch.Size(size)
+            and kept.dtype == dtype
+            and kept.device == device
+            and all(p.grad is None for p in self.params)
+        ):
+            return kept  # the reduce-scatter output, again: no .grad views it any more
+        return torch.empty(size, dtype=dtype, device=device)
+
+    def _can_defer(self, dtype: torch.dtype) -> bool:
+        return all(
+            p.grad is None
+            and p.dtype == dtype
+            and not getattr(p, "_post_accumulate_grad_hooks", None)
+            for p in self.params
+        )
+
+    def __call__(self, output_tensor, input_tensor, group, op, async_op: bool = False):
+        if op not in (dist.ReduceOp.SUM, dist.ReduceOp.AVG):
+            return dist.reduce_scatter_single(
+                output_tensor, input_tensor, op=op, group=group, async_op=async_op
+            )
+        n, rank = group.size(), group.rank()
+        chunks = input_tensor.view(n, -1)
+        received = torch.empty(
+            (n - 1, chunks.shape[1]), dtype=input_tensor.dtype, device=input_tensor.device
+        )
+        works = []
+        for k in range(1, n):
+            dst, src = (rank + k) % n, (rank - k) % n
+            works.append(dist.irecv(received[k - 1], group=group, group_src=src, tag=_RS_TAG))
+            works.append(dist.isend(chunks[dst], group=group, group_dst=dst, tag=_RS_TAG))
+        divide = n if op == dist.ReduceOp.AVG else 1
+        if self.gradients is None and all(p.grad is None for p in self.params):
+            self.gradients = output_tensor  # becomes the .grad storage: keep it for next time
+        reduce = _Reduce(works, chunks[rank], received, output_tensor, divide)
+        if self._can_defer(output_tensor.dtype):
+            self.in_flight.add(reduce)
+        else:
+            reduce.finish()
+        return None
+
+
+class _ForwardPrefetch:
+    """Watches the first forward pass for the order the units run in, then has each unit
+    prefetch the next one's parameters (FSDPModule.set_modules_to_forward_prefetch)."""
+
+    def __init__(self, model: nn.Module, units: list[nn.Module]) -> None:
+        self.order: list[nn.Module] = []
+        self.handles = [unit.register_forward_pre_hook(self._entered) for unit in units]
+        self.handles.append(model.register_forward_hook(self._done))
+
+    def _entered(self, unit: nn.Module, *_: Any) -> None:
+        if all(unit is not seen for seen in self.order):
+            self.order.append(unit)
+
+    def _done(self, *_: Any) -> None:
+        for handle in self.handles:
+            handle.remove()
+        self.handles = []
+        for unit, following in zip(self.order[:-1], self.order[1:], strict=True):
+            unit.set_modules_to_forward_prefetch([following])
+        self.order = []
+
+
+def _use_point_to_point(model: nn.Module, units: list[nn.Module]) -> None:
+    from torch.distributed.fsdp import FSDPModule
+
+    fsdp_modules = [m for m in model.modules() if isinstance(m, FSDPModule)]
+    in_flight = _InFlight()
+    for module in fsdp_modules:
+        nested = {
+            id(p)
+            for sub in module.modules()
+            if sub is not module and isinstance(sub, FSDPModule)
+            for p in sub.parameters()
+        }
+        own = [p for p in module.parameters() if id(p) not in nested]
+        module.set_custom_all_gather(_P2PAllGather())
+        module.set_custom_reduce_scatter(_P2PReduceScatter(own, in_flight))
+    if len(units) > 1:
+        _ForwardPrefetch(model, units)  # kept alive by its hooks until the first forward
 
 
 def no_sync(model: nn.Module):
