@@ -105,22 +105,28 @@ def _worker_main(rank: int, fn, port: int, tmp: str, *args) -> None:
     torch.save(outcome, os.path.join(tmp, f"{rank}.pt"))
 
 
+def _mean_losses(model, optimizer, X, y, rank: int, steps: int) -> list[float]:
+    """Trains on this rank's slice of each global batch; the loss averaged over the ranks."""
+    rows = GLOBAL_BATCH // WORLD
+    losses = []
+    for step in range(steps):
+        optimizer.zero_grad()
+        xb, yb = (t[step, rank * rows : (rank + 1) * rows] for t in (X, y))
+        loss = nn.functional.cross_entropy(model(xb), yb)
+        loss.backward()
+        optimizer.step()
+        mean = loss.detach().clone()
+        dist.all_reduce(mean)
+        losses.append(mean.item() / WORLD)
+    return losses
+
+
 def _train_every_stage(rank: int) -> dict:
     X, y = _data()
-    rows = GLOBAL_BATCH // WORLD
     out = {}
     for stage in ZeroStage:
         model, optimizer = wrap(_mlp(), _adam, ShardingPlan(stage=stage))
-        losses = []
-        for step in range(STEPS):
-            optimizer.zero_grad()
-            xb, yb = (t[step, rank * rows : (rank + 1) * rows] for t in (X, y))
-            loss = nn.functional.cross_entropy(model(xb), yb)
-            loss.backward()
-            optimizer.step()
-            mean = loss.detach().clone()
-            dist.all_reduce(mean)
-            losses.append(mean.item() / WORLD)
+        losses = _mean_losses(model, optimizer, X, y, rank, STEPS)
         out[int(stage)] = (losses, full_model_state_dict(model))
         out[("accumulated", int(stage))] = _accumulated_losses(rank, stage, "float32")
     out[("bf16", 3)] = _accumulated_losses(rank, ZeroStage.PARAMETERS, "bfloat16")
@@ -178,17 +184,7 @@ def _stage3_paths(rank: int) -> dict:
     rows = GLOBAL_BATCH // WORLD
     out = {}
     model, optimizer = wrap(_mlp(), _adam, ShardingPlan(stage=3, shard_modules=(nn.Conv1d,)))
-    losses = []
-    for step in range(5):
-        optimizer.zero_grad()
-        xb, yb = (t[step, rank * rows : (rank + 1) * rows] for t in (X, y))
-        loss = nn.functional.cross_entropy(model(xb), yb)
-        loss.backward()
-        optimizer.step()
-        mean = loss.detach().clone()
-        dist.all_reduce(mean)
-        losses.append(mean.item() / WORLD)
-    out["root"] = losses
+    out["root"] = _mean_losses(model, optimizer, X, y, rank, 5)
     model, optimizer = wrap(_mlp(), _adam, ShardingPlan(stage=3))
     losses = []
     for step in range(5):
