@@ -60,6 +60,11 @@ class CallbackSettings:
     first_message_deadline_s: float = 30.0
 
 
+class _StreamBroken(Exception):
+    """The caller's stream failed under a read or write (aborted, reset, server stopping):
+    the job waits for the caller as after a disconnect."""
+
+
 class CallerProtocolError(ValueError):
     """The caller answered something that does not fit the request (wrong id, shape, field)."""
 
@@ -117,15 +122,27 @@ class CallbackJobs:
         except (asyncio.CancelledError, GeneratorExit):
             driver.suspend("the caller's stream was cancelled")
             raise
+        except _StreamBroken as exc:
+            driver.suspend(str(exc))  # the caller may come back; nothing more can be sent
+        except Exception as exc:
+            # Not the caller's doing (a solver or gateway fault): the job ends FAILED rather
+            # than staying RUNNING with nobody driving it; the RPC reports INTERNAL.
+            await driver.fail_unexpectedly(exc)
+            raise
         finally:
             self._attached.discard(job_id)
             self._jobs.unwatch(live, queue)
 
     async def _read(self, context, deadline: float, what: str):
         """The caller's next message; None when it has gone (half-close). TimeoutError when
-        it says nothing within `deadline` seconds."""
-        async with asyncio.timeout(deadline):  # no extra task per read, unlike wait_for
-            message = await context.read()
+        it says nothing within `deadline` seconds; _StreamBroken when the stream fails."""
+        try:
+            async with asyncio.timeout(deadline):  # no extra task per read, unlike wait_for
+                message = await context.read()
+        except (TimeoutError, asyncio.CancelledError):
+            raise
+        except Exception as exc:
+            raise _StreamBroken(f"reading from the caller's stream failed ({exc})") from exc
         if message is grpc.aio.EOF:
             return None
         return message
@@ -233,6 +250,8 @@ class _Driver:
             self._deadline_hit = False
             self._reader.uncancel()
             raise TimeoutError from None
+        except Exception as exc:
+            raise _StreamBroken(f"reading from the caller's stream failed ({exc})") from exc
         finally:
             self._reading_since = None
         if message is grpc.aio.EOF:
@@ -284,7 +303,12 @@ class _Driver:
                 if not queue.empty():
                     message.events.extend(_pending(queue))
                 sent = time.perf_counter()
-                await write(message)
+                try:
+                    await write(message)
+                except asyncio.CancelledError:
+                    raise
+                except Exception as exc:  # the stream ended under us (aborted, server stopping)
+                    raise _StreamBroken(f"writing to the caller's stream failed ({exc})") from exc
                 # The caller evaluates now: record what the solver reported meanwhile.
                 self._record_pending()
                 try:
@@ -354,6 +378,14 @@ class _Driver:
             elapsed_s=info.elapsed_s,
             x=x,
         )
+
+    async def fail_unexpectedly(self, exc: Exception) -> None:
+        if self.finished or self.suspended:
+            return
+        self.finished = True
+        self._record_pending()
+        message = f"the callback job failed in the gateway: {type(exc).__name__}: {exc}"
+        await self.owner._jobs.record(self.live, FailureEvent("INTERNAL", message))
 
     async def _fail(self, context, queue: asyncio.Queue, code: str, message: str) -> None:
         self.finished = True

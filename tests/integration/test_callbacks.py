@@ -331,3 +331,40 @@ def test_a_gradient_of_the_wrong_length_fails_the_job(make_gateway):
         outbox.put(None)
     assert failure is not None
     assert "gradient has shape [3], expected [4]" in failure.message
+
+
+def test_a_fault_in_the_gateway_fails_the_job_instead_of_leaving_it_running(
+    make_gateway, monkeypatch
+):
+    """A solver or gateway bug mid-solve (not the caller's doing): the RPC ends INTERNAL and
+    the job ends FAILED with the reason, rather than RUNNING with nobody driving it."""
+    from service import callbacks
+
+    server = make_gateway()
+    advance = callbacks._Driver._advance
+    calls = []
+
+    def faulty_advance(self, run, item):
+        calls.append(1)
+        if len(calls) == 4:
+            raise RuntimeError("injected solver fault")
+        return advance(self, run, item)
+
+    monkeypatch.setattr(callbacks._Driver, "_advance", faulty_advance)
+    with grpc.insecure_channel(server.address) as channel:
+        stub = pb_grpc.OptimizerStub(channel)
+        outbox, responses = _start(stub)
+        job_id = ""
+        with pytest.raises(grpc.RpcError) as raised:
+            for message in responses:
+                for event in _events(message):
+                    job_id = event.job_id
+                if message.HasField("request"):
+                    outbox.put(_answer(message.request))
+        outbox.put(None)
+        assert raised.value.code() == grpc.StatusCode.INTERNAL
+        job = stub.GetJob(pb.GetJobRequest(job_id=job_id))
+        assert job.state == pb.FAILED
+        events = list(stub.Watch(pb.WatchRequest(job_id=job_id)))
+        [failure] = [e.failure for e in events if e.HasField("failure")]
+        assert failure.code == "INTERNAL" and "injected solver fault" in failure.message
