@@ -12,7 +12,8 @@ Two parts of a spec need the server's consent, checked before a job exists:
   with --trust-code and from a caller with the trust-code role (the objectives' rule); it is
   loaded once here to check it, then on every worker;
 - `data_uri` names a file under the server's --data-root (off by default); the gateway checks
-  the URI, the root and the file's header, and the workers read the file.
+  the URI, the root and the file's header (names, dtypes, shapes, and the declared size
+  against datasets.MAX_DATA_FILE_BYTES), and the workers read the file.
 """
 
 from __future__ import annotations
@@ -20,6 +21,7 @@ from __future__ import annotations
 import asyncio
 import logging
 import math
+import os
 import re
 import shutil
 import threading
@@ -154,7 +156,9 @@ class TrainingJobs:
         self._limits = limits
         self._artifacts = Path(artifacts_dir)
         self._trusted = trusted  # --trust-code
-        self._data_root = None if data_root is None else str(Path(data_root).resolve())
+        # Absolute but not resolved: a symlinked root (/data -> /mnt/vol) must still take
+        # file:///data/... (resolve_data_uri compares resolved paths to the resolved root).
+        self._data_root = None if data_root is None else os.path.abspath(data_root)
         self._tasks: set[asyncio.Task] = set()
 
     async def submit(self, request: pb.TrainRequest, caller=None) -> str:

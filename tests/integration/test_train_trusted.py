@@ -2,11 +2,16 @@
 SDK: a pickled nn.Module and an exported program train on a gateway started with trust_code
 (and are refused, unread, by a default one); a data_uri under the gateway's data root trains
 (npz and safetensors alike); a file outside the root, a missing file, a wrong tensor name and
-a gateway without a data root each answer with their status code before any job exists."""
+a gateway without a data root each answer with their status code before any job exists, as do
+a damaged file and one whose header declares more than the size cap; a symlinked data root
+takes URIs under its own name."""
 
 from __future__ import annotations
 
 import base64
+import io
+import os
+import zipfile
 
 import grpc
 import numpy as np
@@ -67,6 +72,25 @@ def data_root(tmp_path_factory):
     save_file({"X": X, "y": y.to(torch.int32)}, str(root / "nested" / "digits.safetensors"))
     np.savez(root / "misnamed.npz", features=X.numpy(), labels=y.numpy())
     np.savez(root.parent / "outside.npz", X=X.numpy(), y=y.numpy())
+    with zipfile.ZipFile(root / "huge.npz", "w") as archive:  # headers only: 3.7 GiB declared
+        for name, shape, descr in (("X", (10**6, 1000), "<f4"), ("y", (10**6,), "<i8")):
+            header = io.BytesIO()
+            np.lib.format.write_array_header_1_0(
+                header, {"descr": descr, "fortran_order": False, "shape": shape}
+            )
+            archive.writestr(f"{name}.npy", header.getvalue())
+    np.savez_compressed(root / "corrupt.npz", X=X.numpy()[:100], y=y.numpy()[:100])
+    data = bytearray((root / "corrupt.npz").read_bytes())
+    with zipfile.ZipFile(root / "corrupt.npz") as archive:
+        offset = archive.getinfo("X.npy").header_offset
+    start = (
+        offset
+        + 30
+        + int.from_bytes(data[offset + 26 : offset + 28], "little")
+        + int.from_bytes(data[offset + 28 : offset + 30], "little")
+    )
+    data[start] = 0xFF  # a reserved deflate block type
+    (root / "corrupt.npz").write_bytes(bytes(data))
     return root
 
 
@@ -191,6 +215,8 @@ def test_npz_and_safetensors_data_uris_train_alike(trusting_gateway, data_root):
         ("absent.npz", grpc.StatusCode.INVALID_ARGUMENT, "no such file 'absent.npz'"),
         ("misnamed.npz", grpc.StatusCode.INVALID_ARGUMENT, "holds tensors ['features', 'labels']"),
         ("http://example.com/digits.npz", grpc.StatusCode.INVALID_ARGUMENT, "only file:// URIs"),
+        ("huge.npz", grpc.StatusCode.INVALID_ARGUMENT, "over this server's cap of 2 GiB"),
+        ("corrupt.npz", grpc.StatusCode.INVALID_ARGUMENT, "corrupt compressed data"),
     ],
 )
 def test_bad_data_uris_are_refused_before_a_job_exists(trusting_gateway, uri, code, words):
@@ -214,3 +240,21 @@ def test_a_gateway_without_a_data_root_refuses_data_uris(gateway):
         client.train(dict(spec, data_uri="digits.npz"))
     assert err.value.code == grpc.StatusCode.PERMISSION_DENIED
     assert "--data-root" in err.value.message
+
+
+def test_a_symlinked_data_root_takes_uris_under_its_own_name(make_gateway, data_root, tmp_path):
+    link = tmp_path / "data"  # /data -> /mnt/vol
+    os.symlink(data_root, link)
+    server = make_gateway(data_root=str(link), workers=1)
+    spec = {k: v for k, v in SPEC.items() if k != "dataset"}
+    spec.update(model={"kind": "mlp", "sizes": [64, 10]}, steps=2)
+    with secant.Client(server.address) as client:
+        for uri in (
+            f"file://{link}/digits.npz",
+            "nested/digits.safetensors",
+            f"file://{data_root}/digits.npz",
+        ):
+            assert client.train(dict(spec, data_uri=uri)).steps == 2
+        with pytest.raises(secant.SecantError) as err:
+            client.train(dict(spec, data_uri=f"file://{link}/../outside.npz"))
+    assert err.value.code == grpc.StatusCode.PERMISSION_DENIED

@@ -12,6 +12,7 @@ import copy
 import math
 import multiprocessing
 import socket
+import warnings
 
 import pytest
 import torch
@@ -652,7 +653,7 @@ def test_chain_forward_mode_equals_torch_forward_mode():
         "linear",
         "elementwise",
         "linear",
-        "module",
+        "rowwise",
         "linear",
         "elementwise",
         "elementwise",
@@ -707,3 +708,257 @@ def test_models_off_the_chain_take_the_generic_forward_mode():
         vector = torch.randn(sum(p.numel() for _, p in named))
         output, tangents = kfac._jvps(named, x, [vector])
         assert tangents.shape == (1, *output.shape)
+
+
+# ---------------------------------------------------------------- the chain's fast path: only
+# plain, unhooked, unparametrized Linear layers; one pass per direction for modules that mix rows
+
+
+def _reference_jvps(kfac, model, x, vectors):
+    """torch.func.jvp through functional_call, one vector at a time, on copies of the buffers,
+    K-FAC's own hooks off: what the rescaling solve must see."""
+    named = [(name, p) for name, p in model.named_parameters()]
+    params = {name: p.detach() for name, p in named}
+    sizes = [p.numel() for _, p in named]
+    kfac._hooks_enabled = False
+    try:
+        outputs, tangents = [], []
+        for vector in vectors:
+            pieces = {
+                name: piece.view_as(p)
+                for (name, p), piece in zip(named, torch.split(vector, sizes), strict=True)
+            }
+
+            def f(theta):
+                buffers = {name: b.clone() for name, b in model.named_buffers()}
+                return torch.func.functional_call(model, {**buffers, **theta}, (x,))
+
+            output, tangent = torch.func.jvp(f, (params,), (pieces,))
+            outputs.append(output)
+            tangents.append(tangent)
+    finally:
+        kfac._hooks_enabled = True
+    return outputs[0], torch.stack(tangents)
+
+
+class _DoubledLinear(nn.Linear):
+    """A Linear subclass whose forward is not F.linear on its own weight."""
+
+    def forward(self, x):
+        return F.linear(x, 2.0 * self.weight, self.bias)
+
+
+class _Scaled(nn.Module):
+    def __init__(self, factor: float) -> None:
+        super().__init__()
+        self.factor = factor
+
+    def forward(self, weight):
+        return weight * self.factor
+
+
+def _hooked_linear() -> nn.Linear:
+    layer = nn.Linear(4, 4)
+    layer.register_forward_hook(lambda module, inputs, output: output * 3.0)
+    return layer
+
+
+def _pre_hooked_linear() -> nn.Linear:
+    layer = nn.Linear(4, 4)
+    layer.register_forward_pre_hook(lambda module, inputs: (inputs[0] * 0.5,))
+    return layer
+
+
+def _parametrized_linear() -> nn.Linear:
+    layer = nn.Linear(4, 4)
+    torch.nn.utils.parametrize.register_parametrization(layer, "weight", _Scaled(-1.5))
+    return layer
+
+
+def _hooked_tanh() -> nn.Tanh:
+    tanh = nn.Tanh()
+    tanh.register_forward_hook(lambda module, inputs, output: output + output**2)
+    return tanh
+
+
+def _odd_chain(kind: str) -> nn.Sequential:
+    torch.manual_seed(11)
+    middle = {
+        "subclass": lambda: _DoubledLinear(4, 4),
+        "forward_hook": _hooked_linear,
+        "pre_hook": _pre_hooked_linear,
+        "parametrized": _parametrized_linear,
+        "hooked_activation": lambda: nn.Sequential(nn.Linear(4, 4), _hooked_tanh()),
+    }[kind]()
+    layers = [nn.Linear(5, 4), nn.Tanh()]
+    layers += list(middle) if isinstance(middle, nn.Sequential) else [middle]
+    layers += [nn.Tanh(), nn.Linear(4, 3)]
+    return nn.Sequential(*layers).double()
+
+
+def _rescaled_alpha_mu(model, x, y, *, generic: bool, steps: int = 2):
+    kfac = KFACPreconditioner(
+        model, rescale=True, loss="cross_entropy", damping=0.05, lr=1.0, compute_method="inverse"
+    )
+    if generic:
+        kfac._chain_plan = lambda: False
+    optimizer = torch.optim.SGD(model.parameters(), lr=1.0)
+    for _ in range(steps):  # the second step solves the full 2x2 system
+        optimizer.zero_grad()
+        loss = F.cross_entropy(model(x), y)
+        loss.backward()
+        kfac.step(x, y, float(loss))
+        optimizer.step()
+    return kfac.alpha_mu
+
+
+@pytest.mark.parametrize(
+    "kind", ["subclass", "forward_hook", "pre_hook", "parametrized", "hooked_activation"]
+)
+def test_linear_layers_the_fast_path_cannot_see_through_take_torch_forward_mode(kind):
+    model = _odd_chain(kind)
+    kfac = KFACPreconditioner(model, rescale=True, loss="cross_entropy", lr=1.0)
+    plan = kfac._chain_plan()
+    if kind == "hooked_activation":  # the Linear layers stay; the hooked Tanh is a module
+        assert [k for k, _ in plan] == [
+            "linear",
+            "elementwise",
+            "linear",
+            "module",
+            "elementwise",
+            "linear",
+        ]
+    else:
+        assert plan is False
+    named = list(model.named_parameters())
+    x = torch.randn(6, 5)
+    generator = torch.Generator().manual_seed(2)
+    total = sum(p.numel() for _, p in named)
+    vectors = [torch.randn(total, generator=generator) for _ in range(2)]
+    output, tangents = kfac._jvps(named, x, vectors)
+    expected_output, expected_tangents = _reference_jvps(kfac, model, x, vectors)
+    torch.testing.assert_close(output, expected_output)
+    torch.testing.assert_close(tangents, expected_tangents)
+
+    # and so the rescaled step's alpha / mu are the generic path's
+    x, y = _batch(n=12)
+    got = _rescaled_alpha_mu(_odd_chain(kind), x, y, generic=False)
+    expected = _rescaled_alpha_mu(_odd_chain(kind), x, y, generic=True)
+    assert got == pytest.approx(expected, rel=1e-9, abs=1e-12)
+    assert got[1] != 0.0
+
+
+def test_global_forward_hooks_send_every_model_to_torch_forward_mode():
+    kfac = KFACPreconditioner(_mlp(), rescale=True, loss="mse", lr=1.0)
+    assert kfac._chain_plan()
+    handle = torch.nn.modules.module.register_module_forward_hook(lambda m, i, o: None)
+    try:
+        assert kfac._chain_plan() is False
+    finally:
+        handle.remove()
+    assert kfac._chain_plan()
+
+
+def test_a_sequential_subclass_with_its_own_forward_is_not_a_chain():
+    class Doubled(nn.Sequential):
+        def forward(self, x):
+            return 2.0 * super().forward(x)
+
+    model = Doubled(nn.Linear(5, 4), nn.Tanh(), nn.Linear(4, 3)).double()
+    assert KFACPreconditioner(model, rescale=True, loss="mse", lr=1.0)._chain_plan() is False
+
+
+def _batch_norm_chain() -> nn.Sequential:
+    torch.manual_seed(5)
+    return nn.Sequential(
+        nn.Linear(5, 4), nn.BatchNorm1d(4, affine=False), nn.Tanh(), nn.Linear(4, 3)
+    ).double()
+
+
+def test_batch_norm_in_a_chain_takes_one_pass_per_direction_and_keeps_its_statistics():
+    model = _batch_norm_chain().train()
+    kfac = KFACPreconditioner(model, rescale=True, loss="cross_entropy", lr=1.0)
+    assert [k for k, _ in kfac._chain_plan()] == ["linear", "module", "elementwise", "linear"]
+    named = list(model.named_parameters())
+    x = torch.randn(8, 5)
+    generator = torch.Generator().manual_seed(4)
+    total = sum(p.numel() for _, p in named)
+    vectors = [torch.randn(total, generator=generator) for _ in range(2)]
+    before = {name: b.clone() for name, b in model.named_buffers()}
+
+    output, tangents = kfac._jvps(named, x, vectors)
+
+    for name, b in model.named_buffers():  # the rescaling pass is not a training forward
+        torch.testing.assert_close(b, before[name], rtol=0, atol=0)
+    expected_output, expected_tangents = _reference_jvps(kfac, model, x, vectors)
+    torch.testing.assert_close(output, expected_output)
+    torch.testing.assert_close(tangents, expected_tangents)
+    # the generic path agrees, and leaves the statistics alone as well
+    generic_output, generic_tangents = kfac._generic_jvps(named, x, vectors)
+    torch.testing.assert_close(generic_tangents, expected_tangents)
+    for name, b in model.named_buffers():
+        torch.testing.assert_close(b, before[name], rtol=0, atol=0)
+
+
+@pytest.mark.parametrize("adapt_damping", [0, 1])
+def test_a_rescaled_step_with_batch_norm_matches_the_generic_path(adapt_damping):
+    x, y = _batch(n=12)
+    results = []
+    for generic in (False, True):
+        model = _batch_norm_chain().train()
+        kfac = KFACPreconditioner(
+            model,
+            rescale=True,
+            adapt_damping=adapt_damping,
+            loss="cross_entropy",
+            damping=0.05,
+            lr=1.0,
+            compute_method="inverse",
+        )
+        if generic:
+            kfac._chain_plan = lambda: False
+        optimizer = torch.optim.SGD(model.parameters(), lr=1.0)
+        statistics = []
+        for _ in range(2):
+            optimizer.zero_grad()
+            loss = F.cross_entropy(model(x), y)
+            loss.backward()
+            after_forward = {name: b.clone() for name, b in model.named_buffers()}
+            kfac.step(x, y, float(loss))
+            optimizer.step()
+            for name, b in model.named_buffers():  # only the training forward moved them
+                torch.testing.assert_close(b, after_forward[name], rtol=0, atol=0)
+            statistics.append(after_forward)
+        results.append((kfac.alpha_mu, kfac.lm_damping, statistics))
+    (alpha_mu, damping, _), (expected_alpha_mu, expected_damping, _) = results
+    assert alpha_mu == pytest.approx(expected_alpha_mu, rel=1e-9, abs=1e-12)
+    assert damping == pytest.approx(expected_damping, rel=1e-12)
+    assert alpha_mu[1] != 0.0
+
+
+# ---------------------------------------------------------------- callable intervals, checkpoints
+
+
+def test_a_checkpoint_does_not_replace_a_callable_interval_schedule():
+    model = _mlp()
+    kfac = KFACPreconditioner(model, factor_update_steps=3, inv_update_steps=2)
+    state = kfac.state_dict()
+
+    def schedule(step):
+        return 1 if step < 100 else 5
+
+    restored = KFACPreconditioner(_mlp(), factor_update_steps=schedule, inv_update_steps=4)
+    with pytest.warns(UserWarning, match="factor_update_steps=3.*callable"):
+        restored.load_state_dict(state)
+    assert restored.factor_update_steps is schedule  # code is the caller's, kept
+    assert restored.inv_update_steps == 2  # an integer: the checkpoint's schedule goes on
+
+    # a callable on both sides: nothing saved, nothing to warn about
+    both = KFACPreconditioner(_mlp(), factor_update_steps=schedule, inv_update_steps=schedule)
+    saved = both.state_dict()
+    assert "factor_update_steps" not in saved and "inv_update_steps" not in saved
+    again = KFACPreconditioner(_mlp(), factor_update_steps=schedule, inv_update_steps=schedule)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        again.load_state_dict(saved)
+    assert again.factor_update_steps is schedule and again.inv_update_steps is schedule

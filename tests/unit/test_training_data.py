@@ -5,7 +5,10 @@ from __future__ import annotations
 
 import base64
 import io
+import json
 import os
+import struct
+import zipfile
 
 import numpy as np
 import pytest
@@ -17,6 +20,7 @@ from secant import SecantError
 from secant._training import model_spec
 from workers.objectives import UntrustedCodeError
 from workers.training.datasets import (
+    MAX_DATA_FILE_BYTES,
     DataURIDisabled,
     OutsideDataRoot,
     inspect_data_file,
@@ -184,6 +188,224 @@ def test_files_that_are_not_their_format_are_refused(root):
         inspect_data_file(root / "cut.safetensors")
     with pytest.raises(ValueError, match="not an .npz file"):
         inspect_data_file(root / "junk.npz")
+
+
+# ---------------------------------------------------------------- damaged, odd and huge files
+
+
+def _npy(array: np.ndarray) -> bytes:
+    buffer = io.BytesIO()
+    np.lib.format.write_array(buffer, array, allow_pickle=False)
+    return buffer.getvalue()
+
+
+def _npy_header_only(shape: tuple[int, ...], descr: str = "<f4") -> bytes:
+    """A .npy member whose header declares `shape` and which holds no data at all."""
+    buffer = io.BytesIO()
+    np.lib.format.write_array_header_1_0(
+        buffer, {"descr": descr, "fortran_order": False, "shape": shape}
+    )
+    return buffer.getvalue()
+
+
+def _zip(path, members: dict[str, bytes], compression=zipfile.ZIP_STORED) -> None:
+    with zipfile.ZipFile(path, "w", compression=compression) as archive:
+        for name, data in members.items():
+            archive.writestr(name, data)
+
+
+def _patch_zip_headers(path, *, flag_bits: int = 0, method: int | None = None) -> None:
+    """Sets general-purpose flag bits and / or the compression method in every local and
+    central directory header (zipfile writes neither encryption nor unknown methods)."""
+    data = bytearray(path.read_bytes())
+    with zipfile.ZipFile(path) as archive:
+        local = [info.header_offset for info in archive.infolist()]
+    central = [i for i in range(len(data) - 4) if data[i : i + 4] == b"PK\x01\x02"]
+    for offsets, flag_at, method_at in ((local, 6, 8), (central, 8, 10)):
+        for offset in offsets:
+            flags = int.from_bytes(data[offset + flag_at : offset + flag_at + 2], "little")
+            data[offset + flag_at : offset + flag_at + 2] = (flags | flag_bits).to_bytes(
+                2, "little"
+            )
+            if method is not None:
+                data[offset + method_at : offset + method_at + 2] = method.to_bytes(2, "little")
+    path.write_bytes(bytes(data))
+
+
+def _member_data_offset(path, name: str) -> int:
+    data = path.read_bytes()
+    with zipfile.ZipFile(path) as archive:
+        offset = archive.getinfo(name).header_offset
+    names, extra = struct.unpack("<HH", data[offset + 26 : offset + 30])
+    return offset + 30 + names + extra
+
+
+def _corrupt(path, at: int, value: int) -> None:
+    data = bytearray(path.read_bytes())
+    data[at] = value
+    path.write_bytes(bytes(data))
+
+
+def _safetensors_with_header(path, header: bytes, payload: bytes = b"") -> None:
+    path.write_bytes(struct.pack("<Q", len(header)) + header + payload)
+
+
+def test_a_deeply_nested_safetensors_header_is_a_value_error(root):
+    _safetensors_with_header(root / "deep.safetensors", b"[" * 200_000)
+    with pytest.raises(ValueError, match=r"data_uri: 'deep.safetensors' .*nested too deeply"):
+        inspect_data_file(resolve_data_uri("deep.safetensors", root))
+
+
+def test_a_corrupt_deflate_member_is_a_value_error(root):
+    X, y = _data()
+    path = root / "corrupt.npz"
+    np.savez_compressed(path, X=X, y=y)
+    # a deflate block header of type 3 (reserved): the first bytes of X.npy do not inflate
+    _corrupt(path, _member_data_offset(path, "X.npy"), 0xFF)
+    with pytest.raises(ValueError, match=r"data_uri: 'corrupt.npz': 'X' .*corrupt compressed data"):
+        inspect_data_file(path)
+
+
+def test_a_corrupt_deflate_stream_after_the_header_fails_the_load_as_a_value_error(root):
+    generator = np.random.default_rng(3)
+    path = root / "late.npz"
+    np.savez_compressed(path, X=generator.normal(size=(4000, 6)), y=np.zeros(4000, np.int64))
+    with zipfile.ZipFile(path) as archive:
+        size = archive.getinfo("X.npy").compress_size
+    start = _member_data_offset(path, "X.npy")
+    _corrupt(path, start + size // 2, path.read_bytes()[start + size // 2] ^ 0xFF)
+    assert inspect_data_file(path).X.shape == (4000, 6)  # the header still inflates
+    with pytest.raises(ValueError, match=r"data_uri: cannot read the tensors of 'late.npz'"):
+        load_data_file(path)
+
+
+def test_an_encrypted_npz_member_is_a_value_error(root):
+    X, y = _data()
+    path = root / "locked.npz"
+    _zip(path, {"X.npy": _npy(X), "y.npy": _npy(y)})
+    _patch_zip_headers(path, flag_bits=0x1)
+    with pytest.raises(ValueError, match=r"data_uri: 'locked.npz': 'X' .*encrypted"):
+        inspect_data_file(path)
+
+
+def test_an_unsupported_compression_method_is_a_value_error(root):
+    X, y = _data()
+    path = root / "aes.npz"
+    _zip(path, {"X.npy": _npy(X), "y.npy": _npy(y)})
+    _patch_zip_headers(path, method=99)  # WinZip AES: zipfile cannot read it
+    with pytest.raises(ValueError, match=r"data_uri: 'aes.npz': 'X' .*unsupported compression"):
+        inspect_data_file(path)
+
+
+def test_an_npz_header_declaring_more_than_the_cap_is_refused_before_any_data_is_read(root):
+    path = root / "huge.npz"
+    _zip(
+        path,
+        {
+            "X.npy": _npy_header_only((1_000_000, 1000)),
+            "y.npy": _npy_header_only((1_000_000,), "<i4"),
+        },
+    )
+    assert path.stat().st_size < 2000
+    with pytest.raises(ValueError) as err:
+        inspect_data_file(path)
+    message = str(err.value)
+    # X: 4e9 bytes as float32; y: int32 held as int64, 8e6 bytes
+    assert message.startswith("data_uri: 'huge.npz' declares 3.733 GiB")
+    assert "4008000000 bytes" in message and "cap of 2 GiB" in message
+    assert f"{MAX_DATA_FILE_BYTES} bytes" in message
+    # the cap is a parameter; under it, the header passes (its data is never read here)
+    assert inspect_data_file(path, max_bytes=None).X.shape == (1_000_000, 1000)
+
+
+def test_a_safetensors_header_declaring_more_than_the_cap_is_refused(root):
+    rows = 3 * 2**28  # 3 GiB of float32 features; uint8 labels, 6 GiB once int64
+    header = json.dumps(
+        {
+            "X": {"dtype": "F32", "shape": [rows, 1], "data_offsets": [0, rows * 4]},
+            "y": {"dtype": "U8", "shape": [rows], "data_offsets": [rows * 4, rows * 5]},
+        }
+    ).encode()
+    _safetensors_with_header(root / "huge.safetensors", header)
+    with pytest.raises(
+        ValueError,
+        match=r"data_uri: 'huge.safetensors' declares 9 GiB .*"
+        r"X \[805306368, 1\] F32.* over this server's cap of 2 GiB",
+    ):
+        inspect_data_file(root / "huge.safetensors")
+    # without a cap it is what it is: a header with no data behind it
+    with pytest.raises(ValueError, match="truncated or corrupt"):
+        inspect_data_file(root / "huge.safetensors", max_bytes=None)
+
+
+def test_the_gateway_refuses_a_file_over_the_cap_before_a_job_exists(root):
+    from google.protobuf import json_format, struct_pb2
+
+    from secant.v1 import optimizer_pb2 as pb
+    from service.training import validate_train_request
+    from service.validation import Limits
+
+    _zip(
+        root / "huge.npz",
+        {"X.npy": _npy_header_only((2**20, 2**10)), "y.npy": _npy_header_only((2**20,), "<i8")},
+    )
+    spec = json_format.ParseDict(
+        {"model": {"kind": "mlp", "sizes": [1024, 10]}, "data_uri": "huge.npz"},
+        struct_pb2.Struct(),
+    )
+    with pytest.raises(ValueError, match=r"^spec\.data_uri: 'huge.npz' declares 4.008 GiB"):
+        validate_train_request(pb.TrainRequest(spec=spec), Limits(), data_root=str(root))
+
+
+def test_a_symlinked_data_root_takes_paths_under_either_name(tmp_path):
+    volume = tmp_path / "mnt" / "vol"
+    (volume / "sub").mkdir(parents=True)
+    link = tmp_path / "data"
+    os.symlink(volume, link)
+    X, y = _data()
+    np.savez(volume / "sub" / "train.npz", X=X, y=y)
+    np.savez(tmp_path / "outside.npz", X=X, y=y)
+    os.symlink(tmp_path / "outside.npz", volume / "escape.npz")
+    target = (volume / "sub" / "train.npz").resolve()
+
+    for uri in (
+        f"file://{link}/sub/train.npz",  # the root's own name: was refused
+        f"{link}/sub/train.npz",
+        "sub/train.npz",
+        f"file://{volume}/sub/train.npz",  # the resolved name
+        f"file://{link}/sub/../sub/train.npz",
+    ):
+        assert resolve_data_uri(uri, link) == target, uri
+    # the escapes stay refused
+    for uri in (f"file://{link}/../outside.npz", "../outside.npz", f"{tmp_path}/outside.npz"):
+        with pytest.raises(OutsideDataRoot, match="outside the data root"):
+            resolve_data_uri(uri, link)
+    with pytest.raises(OutsideDataRoot, match="symlink"):
+        resolve_data_uri(f"file://{link}/escape.npz", link)
+
+
+def test_the_gateway_keeps_a_symlinked_root_by_its_name(tmp_path):
+    from google.protobuf import json_format, struct_pb2
+
+    from secant.v1 import optimizer_pb2 as pb
+    from service.training import TrainingJobs, validate_train_request
+    from service.validation import Limits
+
+    volume = tmp_path / "vol"
+    volume.mkdir()
+    link = tmp_path / "data"
+    os.symlink(volume, link)
+    X, y = _data()
+    np.savez(volume / "train.npz", X=X, y=y)
+    jobs = TrainingJobs(None, Limits(), tmp_path / "artifacts", data_root=str(link))
+    spec = json_format.ParseDict(
+        {"model": {"kind": "mlp", "sizes": [6, 3]}, "data_uri": f"file://{link}/train.npz"},
+        struct_pb2.Struct(),
+    )
+    checked = validate_train_request(
+        pb.TrainRequest(spec=spec), Limits(), data_root=jobs._data_root
+    )
+    assert checked.spec["data_uri"] == f"file://{link}/train.npz"
 
 
 # ---------------------------------------------------------------- the caller's own module

@@ -13,11 +13,15 @@ Data files are safe formats only, never a pickle: `.safetensors` holding exactly
 (bool, complex, object arrays) is refused naming the tensor.
 
 A `data_uri` is a `file://` URI or a plain path (relative ones are under the root). It must
-lie under the data root after `..` and symlinks are resolved; the gateway checks the form, the
-root and the file's header before a job exists, and every worker resolves and checks it again
-when it loads (it may run on another node that mounts the same root). Errors are ValueError
-(bad form, missing file, wrong names, shapes or dtypes) or PermissionError (data URIs are
-disabled: no root; a path outside the root), with messages that start with the field.
+lie under the data root after `..` and symlinks are resolved (a root that is itself a symlink,
+/data -> /mnt/vol, takes paths under either name); the gateway checks the form, the root and
+the file's header before a job exists, and every worker resolves and checks it again when it
+loads (it may run on another node that mounts the same root). The tensors a header declares
+may take at most `MAX_DATA_FILE_BYTES` (2 GiB) in memory, counted at the larger of their
+stored and their training dtype (float32 / int64): every data-parallel worker holds the whole
+set. Errors are ValueError (bad form, missing file, a corrupt, encrypted or oddly compressed
+file, wrong names, shapes or dtypes, too large) or PermissionError (data URIs are disabled: no
+root; a path outside the root), with messages that start with the field.
 """
 
 from __future__ import annotations
@@ -27,6 +31,7 @@ import math
 import os
 import struct
 import zipfile
+import zlib
 from dataclasses import dataclass
 from pathlib import Path
 from urllib.parse import unquote, urlsplit
@@ -39,6 +44,23 @@ DATASETS = ("digits", "breast_cancer")
 DATA_SUFFIXES = (".npz", ".safetensors")
 DATA_NAMES = ("X", "y")
 MAX_URI_CHARS = 4096
+# The most memory a data file's tensors may take (see the module docstring); a gateway flag
+# would set it per server, as --max-message-bytes bounds uploads.
+MAX_DATA_FILE_BYTES = 2 * 2**30
+# What a damaged, encrypted or unsupported file raises while it is read: zlib.error (a corrupt
+# deflate stream), RuntimeError (an encrypted zip member), NotImplementedError (a compression
+# method zipfile lacks), EOFError (a truncated stream), BadZipFile (a bad CRC or directory).
+_READ_ERRORS = (
+    OSError,
+    EOFError,
+    ValueError,
+    KeyError,
+    zlib.error,
+    zipfile.BadZipFile,
+    RuntimeError,
+    NotImplementedError,
+    RecursionError,
+)
 # The safetensors format caps its JSON header at 100 MB; a real two-tensor header is ~200 B.
 _MAX_SAFETENSORS_HEADER = 1 << 20
 _NPY_HEADERS = {
@@ -137,10 +159,13 @@ def resolve_data_uri(uri: object, root: str | os.PathLike | None) -> Path:
             f"data_uri: {uri!r}: the file must end in {' or '.join(DATA_SUFFIXES)}"
             " (safetensors or numpy .npz holding X and y)"
         )
+    # The root as given (absolute, normalized) and as resolved: a symlinked root (/data ->
+    # /mnt/vol) takes /data/x.npz and /mnt/vol/x.npz alike.
+    given = Path(os.path.normpath(os.path.abspath(root)))
     base = Path(root).resolve()
     # Lexically first, so that '..' is refused without touching the file system outside.
-    joined = Path(os.path.normpath(base / raw))
-    if not joined.is_relative_to(base):
+    joined = Path(os.path.normpath(given / raw))
+    if not (joined.is_relative_to(given) or joined.is_relative_to(base)):
         raise OutsideDataRoot(f"data_uri: {uri!r} is outside the data root")
     try:
         resolved = joined.resolve()
@@ -172,18 +197,21 @@ def _path_of(uri: str) -> str:
     return path
 
 
-def inspect_data_file(path: str | os.PathLike) -> DataFileInfo:
+def inspect_data_file(
+    path: str | os.PathLike, *, max_bytes: int | None = MAX_DATA_FILE_BYTES
+) -> DataFileInfo:
     """The names, shapes and dtypes of a data file's tensors, from its header; ValueError
-    naming the problem (missing file, not the format its suffix says, wrong tensor names,
-    unsupported dtypes, shapes that do not make a training set)."""
+    naming the problem (missing file, not the format its suffix says, a corrupt, encrypted or
+    unsupported member, wrong tensor names, unsupported dtypes, shapes that do not make a
+    training set, tensors over `max_bytes` in memory; None: no cap)."""
     path = Path(path)
     try:
         if not path.is_file():
             raise ValueError(f"data_uri: no such file {path.name!r} under the data root")
         if path.suffix == ".npz":
-            tensors, fmt = _npz_header(path), "npz"
+            tensors, fmt = _npz_header(path, max_bytes), "npz"
         elif path.suffix == ".safetensors":
-            tensors, fmt = _safetensors_header(path), "safetensors"
+            tensors, fmt = _safetensors_header(path, max_bytes), "safetensors"
         else:
             raise ValueError(f"data_uri: the file must end in {' or '.join(DATA_SUFFIXES)}")
     except OSError as exc:  # unreadable, a name too long, ...: the caller's path, not a bug
@@ -214,7 +242,35 @@ def _check_names(names: list[str], path: Path) -> None:
         )
 
 
-def _safetensors_header(path: Path) -> dict[str, TensorInfo]:
+def _memory_bytes(info: TensorInfo, itemsize: int) -> int:
+    """The bytes a tensor takes in memory: at the larger of its stored and training dtype."""
+    return math.prod(info.shape) * max(itemsize, 4 if info.kind == "f" else 8)
+
+
+def _check_size(
+    tensors: dict[str, TensorInfo], itemsizes: dict[str, int], path: Path, max_bytes: int | None
+) -> None:
+    if max_bytes is None:
+        return
+    total = sum(_memory_bytes(tensors[name], itemsizes[name]) for name in DATA_NAMES)
+    if total > max_bytes:
+        declared = ", ".join(
+            f"{name} {list(tensors[name].shape)} {tensors[name].dtype}" for name in DATA_NAMES
+        )
+        raise ValueError(
+            f"data_uri: {path.name!r} declares {_bytes_text(total)} of tensors ({declared}),"
+            f" over this server's cap of {_bytes_text(max_bytes)} per data file"
+        )
+
+
+def _bytes_text(count: int) -> str:
+    for unit, size in (("GiB", 2**30), ("MiB", 2**20), ("KiB", 2**10)):
+        if count >= size:
+            return f"{count / size:.4g} {unit} ({count} bytes)"
+    return f"{count} bytes"
+
+
+def _safetensors_header(path: Path, max_bytes: int | None = None) -> dict[str, TensorInfo]:
     size = path.stat().st_size
     with path.open("rb") as file:
         head = file.read(8)
@@ -231,12 +287,17 @@ def _safetensors_header(path: Path) -> dict[str, TensorInfo]:
             raise ValueError(
                 f"data_uri: {path.name!r} is not a safetensors file (header: {exc})"
             ) from None
+        except RecursionError:  # '[[[[...': nested deeper than the parser's recursion
+            raise ValueError(
+                f"data_uri: {path.name!r} is not a safetensors file (its header is nested"
+                " too deeply)"
+            ) from None
     if not isinstance(header, dict):
         raise ValueError(f"data_uri: {path.name!r} is not a safetensors file")
     header.pop("__metadata__", None)
     _check_names(list(header), path)
     payload = size - 8 - length
-    tensors = {}
+    tensors, offsets_of, itemsizes = {}, {}, {}
     for name in DATA_NAMES:
         entry = header[name]
         if not isinstance(entry, dict) or not {"dtype", "shape", "data_offsets"} <= set(entry):
@@ -255,27 +316,33 @@ def _safetensors_header(path: Path) -> dict[str, TensorInfo]:
             or not all(isinstance(o, int) for o in offsets)
         ):
             raise ValueError(f"data_uri: {path.name!r}: tensor {name!r} has a malformed entry")
-        kind, itemsize = _SAFETENSORS_DTYPES[dtype]
-        begin, end = offsets
-        if not 0 <= begin <= end <= payload or end - begin != math.prod(shape) * itemsize:
+        kind, itemsizes[name] = _SAFETENSORS_DTYPES[dtype]
+        tensors[name] = TensorInfo(tuple(shape), dtype, kind)
+        offsets_of[name] = offsets
+    _check_size(tensors, itemsizes, path, max_bytes)  # what the header declares, first
+    for name in DATA_NAMES:
+        begin, end = offsets_of[name]
+        if (
+            not 0 <= begin <= end <= payload
+            or end - begin != math.prod(tensors[name].shape) * itemsizes[name]
+        ):
             raise ValueError(
                 f"data_uri: {path.name!r}: tensor {name!r} does not fit the file"
                 " (truncated or corrupt)"
             )
-        tensors[name] = TensorInfo(tuple(shape), dtype, kind)
     return tensors
 
 
-def _npz_header(path: Path) -> dict[str, TensorInfo]:
+def _npz_header(path: Path, max_bytes: int | None = None) -> dict[str, TensorInfo]:
     try:
         archive = zipfile.ZipFile(path)
-    except (zipfile.BadZipFile, OSError) as exc:
+    except (zipfile.BadZipFile, OSError, ValueError, EOFError) as exc:
         raise ValueError(f"data_uri: {path.name!r} is not an .npz file ({exc})") from None
     with archive:
         members = archive.namelist()
         names = [m[:-4] if m.endswith(".npy") else m for m in members]
         _check_names(names, path)
-        tensors = {}
+        tensors, itemsizes = {}, {}
         for name in DATA_NAMES:
             try:
                 with archive.open(f"{name}.npy") as member:
@@ -283,10 +350,13 @@ def _npz_header(path: Path) -> dict[str, TensorInfo]:
                     if version not in _NPY_HEADERS:
                         raise ValueError(f"npy format version {version} is not read here")
                     shape, _, dtype = _NPY_HEADERS[version](member)
-            except (ValueError, KeyError, OSError, zipfile.BadZipFile) as exc:
+            except _READ_ERRORS as exc:
                 raise ValueError(
-                    f"data_uri: {path.name!r}: {name!r} is not a numpy array ({exc})"
+                    f"data_uri: {path.name!r}: {name!r} is not a readable numpy array"
+                    f" ({_read_error_text(exc)})"
                 ) from None
+            if any(d < 0 for d in shape):
+                raise ValueError(f"data_uri: array {name!r} has a negative dimension {shape}")
             if dtype.hasobject:
                 raise ValueError(
                     f"data_uri: array {name!r} holds Python objects, which load"
@@ -300,7 +370,24 @@ def _npz_header(path: Path) -> dict[str, TensorInfo]:
             tensors[name] = TensorInfo(
                 tuple(int(d) for d in shape), dtype.name, "f" if dtype.kind == "f" else "i"
             )
+            itemsizes[name] = dtype.itemsize
+    _check_size(tensors, itemsizes, path, max_bytes)
     return tensors
+
+
+def _read_error_text(exc: BaseException) -> str:
+    """What went wrong reading a file, for a message: the error's kind and text."""
+    if isinstance(exc, RecursionError):
+        return "nested too deeply"
+    if isinstance(exc, zlib.error):
+        return f"corrupt compressed data: {exc}"
+    if isinstance(exc, NotImplementedError):
+        return f"an unsupported compression method: {exc}"
+    if isinstance(exc, RuntimeError) and "encrypted" in str(exc):
+        return f"encrypted: {exc}"
+    if isinstance(exc, KeyError):
+        return f"no member {exc}"
+    return f"{type(exc).__name__}: {exc}" if not isinstance(exc, ValueError) else str(exc)
 
 
 def load_data_file(path: str | os.PathLike) -> tuple[Tensor, Tensor]:
@@ -309,16 +396,24 @@ def load_data_file(path: str | os.PathLike) -> tuple[Tensor, Tensor]:
     are read with allow_pickle=False. Cost: the file's tensors in memory (plus one converted
     copy when the stored dtype differs)."""
     info = inspect_data_file(path)
-    if info.format == "npz":
-        with np.load(info.path, allow_pickle=False) as archive:
-            arrays = {name: archive[name] for name in DATA_NAMES}
-        tensors = {
-            name: torch.from_numpy(np.ascontiguousarray(array)) for name, array in arrays.items()
-        }
-    else:
-        from safetensors.torch import load_file
+    from safetensors import SafetensorError
 
-        tensors = load_file(str(info.path))
+    try:
+        if info.format == "npz":
+            with np.load(info.path, allow_pickle=False) as archive:
+                arrays = {name: archive[name] for name in DATA_NAMES}
+            tensors = {
+                name: torch.from_numpy(np.ascontiguousarray(array))
+                for name, array in arrays.items()
+            }
+        else:
+            from safetensors.torch import load_file
+
+            tensors = load_file(str(info.path))
+    except (*_READ_ERRORS, SafetensorError) as exc:
+        raise ValueError(
+            f"data_uri: cannot read the tensors of {info.path.name!r} ({_read_error_text(exc)})"
+        ) from None
     return _training_dtype(tensors["X"]), _training_dtype(tensors["y"])
 
 
@@ -334,6 +429,7 @@ def open_data_uri(uri: str, root: str | os.PathLike | None) -> tuple[Tensor, Ten
 __all__ = [
     "DATASETS",
     "DATA_SUFFIXES",
+    "MAX_DATA_FILE_BYTES",
     "DataFileInfo",
     "DataURIDisabled",
     "OutsideDataRoot",

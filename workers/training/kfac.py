@@ -41,8 +41,15 @@ Conventions (the scale of the factors matters against the damping):
   loop then runs plain SGD (no momentum, no weight decay) and K-FAC writes -step / lr.
   Cost: an nn.Sequential of covered Linear layers and parameter-free modules takes one
   hand-written forward-mode pass for both directions (tangents batched; tanh, sigmoid, ReLU
-  in closed form); other models one torch forward-mode pass per direction. The 2x2 system
-  is read back in one transfer.
+  in closed form; other known row-wise activations with the directions folded into the
+  batch; any other module, e.g. batch norm, one torch forward-mode pass per direction);
+  other models one torch forward-mode pass per direction. The hand-written pass takes only
+  plain nn.Linear layers (exactly that type, not parametrized) and nothing with forward
+  hooks or pre-hooks (the model's, a layer's, or global ones; K-FAC's own excepted): a
+  subclass, a hook or a parametrization may change what the layer computes, so such models
+  take the generic pass. These passes leave the model's buffers (batch norm's running
+  statistics) as the training forward left them. The 2x2 system is read back in one
+  transfer.
   `adapt_damping` adds section 6.5's Levenberg-Marquardt rule every T steps:
   rho = (h(theta + step) - h(theta)) / M(step); lambda *= (19/20)^T if rho > 3/4,
   lambda /= (19/20)^T if rho < 1/4.
@@ -58,6 +65,7 @@ from __future__ import annotations
 
 import enum
 import math
+import warnings
 from collections.abc import Callable, Iterable
 from typing import Protocol
 
@@ -67,6 +75,8 @@ import torch.distributed as dist
 import torch.nn.functional as F
 from torch import Tensor, nn
 from torch.func import functional_call
+from torch.nn.modules import module as _module_hooks
+from torch.nn.utils import parametrize
 
 Schedule = float | Callable[[int], float]
 IntSchedule = int | Callable[[int], int]
@@ -566,6 +576,52 @@ _ELEMENTWISE_DERIVATIVES: dict[type, Callable[[Tensor], Tensor] | None] = {
     nn.ReLU: lambda y: (y > 0).to(y.dtype),
     nn.Identity: None,
 }
+# Parameter-free modules known to act on each row (example) alone, elementwise: the forward-mode
+# pass may fold the k tangent directions into the batch for them. Anything else (batch norm,
+# dropout, softmax over some dimension, a caller's module) takes one pass per direction.
+_ROW_WISE: frozenset[type] = frozenset(
+    {
+        nn.GELU,
+        nn.SiLU,
+        nn.Mish,
+        nn.ELU,
+        nn.CELU,
+        nn.SELU,
+        nn.LeakyReLU,
+        nn.ReLU6,
+        nn.Hardtanh,
+        nn.Hardsigmoid,
+        nn.Hardswish,
+        nn.Softplus,
+        nn.Softsign,
+        nn.LogSigmoid,
+        nn.Tanhshrink,
+        nn.Softshrink,
+        nn.Hardshrink,
+        nn.Threshold,
+    }
+)
+
+
+def _has_forward_hooks(module: nn.Module, own: set[int] = frozenset()) -> bool:
+    """Whether calling `module` runs forward hooks or pre-hooks other than those in `own`
+    (hook handle ids)."""
+    return bool(set(module._forward_hooks) - own or set(module._forward_pre_hooks) - own)
+
+
+def _global_forward_hooks() -> bool:
+    return bool(_module_hooks._global_forward_hooks or _module_hooks._global_forward_pre_hooks)
+
+
+def _scratch_buffers(module: nn.Module) -> dict[str, Tensor]:
+    """Copies of the module's buffers, for functional_call: a forward in train mode (batch
+    norm) updates these instead of the module's running statistics."""
+    return {name: buffer.clone() for name, buffer in module.named_buffers()}
+
+
+def _call_with_scratch_buffers(module: nn.Module, *args):
+    scratch = _scratch_buffers(module)
+    return functional_call(module, scratch, args, strict=False) if scratch else module(*args)
 
 
 def _gauss_newton_gram(loss: str, output: Tensor, tangents: Tensor | list[Tensor]) -> Tensor:
@@ -608,7 +664,9 @@ class KFACPreconditioner:
         adapt_damping: its starting value, then Levenberg-Marquardt adapted).
       factor_update_steps / inv_update_steps: how often factors are collected / inverted
         (hooks do nothing on other steps). Integer intervals travel in `state_dict`, and a
-        loaded checkpoint's replace the constructor's (the schedule goes on where it was).
+        loaded checkpoint's replace the constructor's integers (the schedule goes on where it
+        was); a callable schedule given to the constructor is kept (a warning if the
+        checkpoint holds an integer instead).
       factor_decay: running-average weight of the old factors, in [0, 1) (warm-started).
       kl_clip: scale the update so that lr^2 * sum(precond_grad * grad) <= kl_clip
         (None: no clipping); lr is the wrapped optimizer's learning rate (a schedule).
@@ -952,11 +1010,17 @@ class KFACPreconditioner:
         """The model's output on `inputs` and its directional derivatives along each flat
         parameter vector, stacked (k, *output.shape). An nn.Sequential of covered nn.Linear
         layers and parameter-free modules takes one pass for all k vectors (`_chain_jvps`);
-        any other model one forward-mode pass per vector through functional_call."""
-        if self._chain is None:
-            self._chain = self._chain_plan()
+        any other model one forward-mode pass per vector through functional_call
+        (`_generic_jvps`). The plan is made on every call (cheap): hooks or parametrizations
+        added after the preconditioner was built count."""
+        self._chain = self._chain_plan()
         if self._chain:
             return self._chain_jvps(named, inputs, vectors)
+        return self._generic_jvps(named, inputs, vectors)
+
+    def _generic_jvps(self, named, inputs: Tensor, vectors: list[Tensor]) -> tuple[Tensor, Tensor]:
+        """torch's forward mode through the whole model, one pass per vector, on copies of
+        the model's buffers (its running statistics stay as the training forward left them)."""
         sizes = [p.numel() for _, p in named]
         detached = [p.detach() for _, p in named]
         self._hooks_enabled = False
@@ -971,7 +1035,8 @@ class KFACPreconditioner:
                             named, detached, torch.split(vector, sizes), strict=True
                         )
                     }
-                    dual_output = functional_call(self.model, duals, (inputs,), strict=False)
+                    state = {**_scratch_buffers(self.model), **duals}
+                    dual_output = functional_call(self.model, state, (inputs,), strict=False)
                     output, tangent = fwad.unpack_dual(dual_output)
                     tangents_out.append(torch.zeros_like(output) if tangent is None else tangent)
         finally:
@@ -979,21 +1044,39 @@ class KFACPreconditioner:
         return output, torch.stack(tangents_out)
 
     def _chain_plan(self) -> list[tuple[str, nn.Module]] | bool:
-        """The model as a chain for `_chain_jvps`, or False: it must be an nn.Sequential whose
-        children are covered nn.Linear layers or modules without parameters."""
-        if not isinstance(self.model, nn.Sequential):
+        """The model as a chain for `_chain_jvps`, or False: it must be a plain nn.Sequential
+        (not a subclass, no forward hooks) whose children are covered layers of type exactly
+        nn.Linear, unhooked and not parametrized (their forward is F.linear on their own
+        weight and bias), or modules without parameters; and no global forward hooks.
+        Kinds: "linear" and "elementwise" (closed forms), "rowwise" (torch's forward mode,
+        the k directions folded into the batch: `_ROW_WISE`, unhooked), "module" (torch's
+        forward mode, one pass per direction)."""
+        if (
+            type(self.model) is not nn.Sequential
+            or _has_forward_hooks(self.model)
+            or _global_forward_hooks()
+        ):
             return False
+        own = {handle.id for handle in self._hooks}  # K-FAC's own, off during these passes
         linear = {
             id(block.module) for block in self.blocks.values() if isinstance(block, LinearBlock)
         }
         plan = []
         for child in self.model:
-            if id(child) in linear:
+            hooked = _has_forward_hooks(child, own)
+            if (
+                id(child) in linear
+                and type(child) is nn.Linear
+                and not hooked
+                and not parametrize.is_parametrized(child)
+            ):
                 plan.append(("linear", child))
             elif next(child.parameters(), None) is not None:
                 return False
-            elif type(child) in _ELEMENTWISE_DERIVATIVES:
+            elif type(child) in _ELEMENTWISE_DERIVATIVES and not hooked:
                 plan.append(("elementwise", child))
+            elif type(child) in _ROW_WISE and not hooked:
+                plan.append(("rowwise", child))
             else:
                 plan.append(("module", child))
         return plan
@@ -1001,8 +1084,10 @@ class KFACPreconditioner:
     def _chain_jvps(self, named, inputs: Tensor, vectors: list[Tensor]) -> tuple[Tensor, Tensor]:
         """Forward mode by hand along the chain, the k tangents batched in a leading
         dimension: a Linear layer's tangent is W t + dW h + db, an elementwise activation's
-        f'(x) t (closed forms in _ELEMENTWISE_DERIVATIVES); other parameter-free modules go
-        through torch's forward mode with the k tangents folded into the batch."""
+        f'(x) t (closed forms in _ELEMENTWISE_DERIVATIVES); known row-wise activations go
+        through torch's forward mode with the k tangents folded into the batch; any other
+        parameter-free module (it may mix rows, as batch norm in train mode does) one forward
+        pass per tangent, on copies of its buffers."""
         k = len(vectors)
         sizes = [p.numel() for _, p in named]
         splits = [torch.split(vector, sizes) for vector in vectors]
@@ -1040,8 +1125,16 @@ class KFACPreconditioner:
                     t = t * derivative(out)
                 h = out
             elif t is None:
-                h = module(h)
-            else:
+                h = _call_with_scratch_buffers(module, h)
+            elif kind == "module":
+                tangents = []
+                for tangent_in in t:
+                    with fwad.dual_level():
+                        dual = fwad.make_dual(h, tangent_in)
+                        primal, tangent = fwad.unpack_dual(_call_with_scratch_buffers(module, dual))
+                    tangents.append(torch.zeros_like(primal) if tangent is None else tangent)
+                h, t = primal, torch.stack(tangents)
+            else:  # "rowwise"
                 rows = h.shape[0]
                 with fwad.dual_level():
                     dual = fwad.make_dual(
@@ -1104,7 +1197,9 @@ class KFACPreconditioner:
         moved = {name: tensor for (name, _), tensor in zip(named, shifted, strict=True)}
         self._hooks_enabled = False
         try:
-            output = functional_call(self.model, moved, (inputs,), strict=False)
+            output = functional_call(
+                self.model, {**_scratch_buffers(self.model), **moved}, (inputs,), strict=False
+            )
         finally:
             self._hooks_enabled = True
         after = _loss_value(self.loss, output, targets).to(torch.float64).reshape(1)
@@ -1171,8 +1266,16 @@ class KFACPreconditioner:
         }
         for name, entries in per_block.items():
             self.blocks[name].load_state_tensors(entries)
-        for name, interval in intervals.items():  # the checkpoint's schedule goes on
-            setattr(self, name, interval)
+        for name, interval in intervals.items():
+            current = getattr(self, name)
+            if callable(current):  # code, not state: the caller's schedule stays
+                warnings.warn(
+                    f"K-FAC checkpoint has {name}={interval}; keeping this preconditioner's"
+                    f" callable {name} schedule",
+                    stacklevel=2,
+                )
+            else:  # the checkpoint's integer schedule goes on where it was
+                setattr(self, name, interval)
         self.steps = int(state["steps"])
         # older checkpoints: every factor-update step so far counted
         self.factor_updates = int(state.get("factor_updates", torch.tensor(self.steps)))
