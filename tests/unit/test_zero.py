@@ -5,6 +5,7 @@ ZeRO formulas say, and at stage 2 each gradient ends up on its owner only."""
 from __future__ import annotations
 
 import contextlib
+import gc
 import os
 import socket
 import tempfile
@@ -100,6 +101,10 @@ def _worker_main(rank: int, fn, port: int, tmp: str, *args) -> None:
     except BaseException:  # reported to the parent test, which fails with it
         outcome = traceback.format_exc()
     finally:
+        # Models, hooks and optimizers in reference cycles still hold the gloo process
+        # group; left to interpreter exit, its destruction there can abort (SIGABRT,
+        # "terminate called without an active exception"). Free them while it is alive.
+        gc.collect()
         if dist.is_initialized():
             dist.destroy_process_group()
     torch.save(outcome, os.path.join(tmp, f"{rank}.pt"))
@@ -307,6 +312,204 @@ def test_stage_2_reduces_each_gradient_to_its_owner_only():
         torch.testing.assert_close(held[0], p.grad, rtol=1e-5, atol=1e-7, msg=name)
     for name, value in results[0]["weights"].items():
         torch.testing.assert_close(results[1]["weights"][name], value, rtol=0, atol=0)
+
+
+def _reference_gradients() -> dict[str, torch.Tensor]:
+    """The averaged gradient of step 0's global batch, 1 worker."""
+    model, (X, y) = _mlp(), _data()
+    nn.functional.cross_entropy(model(X[0]), y[0]).backward()
+    return {name: p.grad.clone() for name, p in model.named_parameters()}
+
+
+def _stage3_gradients_without_deferral(rank: int) -> dict:
+    """Two units settings under which FSDP2 reads the reduce-scatter output as soon as the
+    custom reduce-scatter returns: forced SUM (post-divide by N after it) and an all-reduce
+    hook (tripling it). Returns each parameter's full gradient."""
+    from torch.distributed.fsdp import FSDPModule
+
+    X, y = _data()
+    rows = GLOBAL_BATCH // WORLD
+    xb, yb = X[0, rank * rows : (rank + 1) * rows], y[0, rank * rows : (rank + 1) * rows]
+    out = {}
+    for setting in ("sum", "hook"):
+        model, _ = wrap(_mlp(), _adam, ShardingPlan(stage=3))
+        for module in model.modules():
+            if isinstance(module, FSDPModule):
+                if setting == "sum":
+                    module.set_force_sum_reduction_for_comms(True)
+                elif module._get_fsdp_state()._fsdp_param_groups:
+                    module.set_all_reduce_hook(lambda t: t.mul_(3))
+        nn.functional.cross_entropy(model(xb), yb).backward()
+        out[setting] = {name: p.grad.full_tensor().clone() for name, p in model.named_parameters()}
+    return out
+
+
+def test_stage_3_defers_only_reduce_scatters_nothing_reads_at_once():
+    """FSDP2 post-divides a SUM reduce-scatter's output and runs the all-reduce hook on it
+    right after the custom reduce-scatter returns: those are summed at once, not deferred."""
+    expected = _reference_gradients()
+
+    results = _run_workers(_stage3_gradients_without_deferral)
+
+    for rank, result in enumerate(results):
+        for name, grad in expected.items():
+            torch.testing.assert_close(
+                result["sum"][name], grad, rtol=1e-5, atol=1e-7, msg=f"sum {rank} {name}"
+            )
+            torch.testing.assert_close(
+                result["hook"][name], 3 * grad, rtol=1e-5, atol=1e-7, msg=f"hook {rank} {name}"
+            )
+
+
+def _checkpointed_mlp() -> nn.Module:
+    torch.manual_seed(0)
+    layers: list[nn.Module] = []
+    for _ in range(4):
+        layers += [nn.Linear(256, 256), nn.Tanh()]
+    return nn.Sequential(*layers, nn.Linear(256, 4))
+
+
+def _gathers_per_step(rank: int) -> dict:
+    """All-gathers per step at stage 3, 3 steps, without and with activation checkpointing
+    ([Linear, Tanh] groups, recomputed in backward), and the weights after them."""
+    from workers.training import zero
+    from workers.training.large_batch import enable_activation_checkpointing
+
+    calls = [0]
+    gather = zero._P2PAllGather.__call__
+
+    def counting(self, *args, **kwargs):
+        calls[0] += 1
+        return gather(self, *args, **kwargs)
+
+    zero._P2PAllGather.__call__ = counting
+    out = {}
+    for checkpointed in (False, True):
+        model = _checkpointed_mlp()
+        if checkpointed:
+            enable_activation_checkpointing(model)
+        model, optimizer = wrap(model, _adam, ShardingPlan(stage=3))
+        generator = torch.Generator().manual_seed(rank)
+        counts = []
+        for _ in range(3):
+            calls[0] = 0
+            optimizer.zero_grad()
+            model(torch.randn(8, 256, generator=generator)).square().mean().backward()
+            optimizer.step()
+            counts.append(calls[0])
+        out[checkpointed] = (counts, full_model_state_dict(model))
+    return out
+
+
+def test_stage_3_forward_prefetch_skips_activation_checkpointing_recompute():
+    """The recompute runs each unit's forward inside backward, after the next unit's
+    backward: a forward prefetch there would gather a unit nobody uses (and nobody waits on
+    until backward ends). 5 units: 5 gathers in forward, 5 in backward, either way."""
+    results = _run_workers(_gathers_per_step)
+
+    for result in results:
+        plain, plain_weights = result[False]
+        checkpointed, checkpointed_weights = result[True]
+        assert plain == [10, 10, 10]
+        assert checkpointed == plain
+        for name, value in plain_weights.items():
+            torch.testing.assert_close(checkpointed_weights[name], value, msg=name)
+
+
+class _HookRaised(RuntimeError):
+    pass
+
+
+def _raise(_grad: torch.Tensor) -> None:
+    raise _HookRaised("injected failure in backward")
+
+
+def _stage2_after_failed_backward(rank: int) -> dict:
+    """Step 0's backward raises on every rank (a tensor hook, half way through backward,
+    after some reduces were launched); steps 1-2 then train as usual."""
+    X, y = _data()
+    rows = GLOBAL_BATCH // WORLD
+    model, optimizer = wrap(_mlp(), _adam, ShardingPlan(stage=2))
+    handle = model[2].weight.register_hook(_raise)
+    optimizer.zero_grad()
+    xb, yb = (t[0, rank * rows : (rank + 1) * rows] for t in (X, y))
+    try:
+        nn.functional.cross_entropy(model(xb), yb).backward()
+    except _HookRaised:
+        pass
+    else:
+        raise AssertionError("the hook did not raise")
+    handle.remove()
+    losses, grads = [], []
+    for step in (1, 2):
+        optimizer.zero_grad()
+        xb, yb = (t[step, rank * rows : (rank + 1) * rows] for t in (X, y))
+        loss = nn.functional.cross_entropy(model(xb), yb)
+        loss.backward()
+        grads.append(
+            {n: None if p.grad is None else p.grad.clone() for n, p in model.named_parameters()}
+        )
+        optimizer.step()
+        mean = loss.detach().clone()
+        dist.all_reduce(mean)
+        losses.append(mean.item() / WORLD)
+    return {"losses": losses, "grads": grads, "weights": full_model_state_dict(model)}
+
+
+def test_stage_2_recovers_from_a_backward_that_raised():
+    model, (X, y) = _mlp(), _data()
+    optimizer = _adam(model.parameters())
+    losses, grads = [], []
+    for step in (1, 2):
+        optimizer.zero_grad()
+        loss = nn.functional.cross_entropy(model(X[step]), y[step])
+        loss.backward()
+        grads.append({n: p.grad.clone() for n, p in model.named_parameters()})
+        optimizer.step()
+        losses.append(loss.item())
+
+    results = _run_workers(_stage2_after_failed_backward)
+
+    for rank, result in enumerate(results):
+        assert result["losses"] == pytest.approx(losses, rel=1e-5, abs=1e-6), rank
+        for name, value in model.state_dict().items():
+            torch.testing.assert_close(result["weights"][name], value, msg=f"{rank} {name}")
+    for step in range(2):
+        for name, grad in grads[step].items():
+            held = [r["grads"][step][name] for r in results if r["grads"][step][name] is not None]
+            assert len(held) == 1, (step, name)
+            torch.testing.assert_close(held[0], grad, rtol=1e-5, atol=1e-7, msg=name)
+
+
+def _stage2_unused_head(rank: int) -> dict:
+    model, optimizer = wrap(
+        _TwoHeads(),
+        lambda params: torch.optim.Adam(params, lr=1e-2, weight_decay=0.1),
+        ShardingPlan(stage=2),
+    )
+    before = {n: p.detach().clone() for n, p in model.extra.named_parameters()}
+    for micro in range(2):  # `extra` is used by no rank, in either micro-batch
+        X, y = _data()
+        xb, yb = X[micro, rank * 4 : rank * 4 + 4], y[micro, rank * 4 : rank * 4 + 4]
+        nn.functional.cross_entropy(model(xb, use_extra=False), yb).backward()
+    grads = {n: None if p.grad is None else p.grad.clone() for n, p in model.named_parameters()}
+    optimizer.step()
+    after = {n: p.detach().clone() for n, p in model.extra.named_parameters()}
+    return {"grads": grads, "before": before, "after": after}
+
+
+def test_stage_2_parameter_no_rank_uses_keeps_no_gradient():
+    """As in a 1-worker run, a parameter without a gradient anywhere ends with .grad None on
+    every rank (its owner included), so Adam's weight decay does not move it."""
+    results = _run_workers(_stage2_unused_head)
+
+    for result in results:
+        assert result["grads"]["extra.weight"] is None
+        assert result["grads"]["extra.bias"] is None
+        for name, value in result["before"].items():
+            torch.testing.assert_close(result["after"][name], value, rtol=0, atol=0)
+    for name in ("body.weight", "body.bias", "head.weight", "head.bias"):
+        assert sum(r["grads"][name] is not None for r in results) == 1, name
 
 
 @pytest.mark.parametrize(

@@ -51,6 +51,21 @@ consolidate_state_dict(to=0); stage 3: torch.distributed.checkpoint's full optim
 dict, re-keyed by parameter index), both collective; `load_full_optimizer_state_dict` puts a
 whole state back, each rank keeping its shard.
 
+Private / experimental torch surface relied on (re-check on a torch upgrade):
+torch._C._current_graph_task_id() (stage 2's per-backward state, stage 3's deferred
+reduce-scatters, no forward prefetch inside backward);
+torch.autograd.Variable._execution_engine.queue_callback (the end-of-backward callbacks;
+autograd drops them when backward raises, and runs one queued while callbacks run);
+ZeroRedundancyOptimizer._partition_parameters() (stage 2's parameter owners); a parameter's
+_post_accumulate_grad_hooks attribute, read to tell whether one is registered, and FSDP2's
+per-unit _get_fsdp_state()._fsdp_param_groups[i]._all_reduce_hook (stage 3 defers no
+reduce-scatter then); FSDPModule.set_custom_all_gather / set_custom_reduce_scatter
+(experimental), and foreach_reduce's order around the custom reduce-scatter (post-divide,
+all-reduce hook, cast, copy into .grad right after it returns); FSDP2's
+_root_post_backward_final_callback is queued at a backward's first unit pre-backward,
+before any _InFlight callback, so it runs first and the reduce-scatters it issues (the
+root's, unused parameters') are still finished by _InFlight's.
+
 DeepSpeed 0.19 also runs ZeRO 1-3 on CPU, but needs a g++ build of its ops on first use and
 measured slower here (FACTS: stage 2 1.55x, stage 3 2.04x DDP's step), so it is not used.
 """
@@ -239,13 +254,27 @@ class _ReduceToOwner:
     order its hooks fire in). At most `cap_bytes` of gradients are in flight; past that the
     oldest reduce is waited on and its buffer freed. An end-of-backward callback launches what
     is left (a parameter that got no gradient on this rank contributes zeros, so the ranks
-    stay in step) and waits for everything.
+    stay in step), all-reduces one presence byte per parameter (max over the ranks) and waits
+    for everything. A parameter no rank got a gradient for keeps the .grad it had (None after
+    zero_grad), as in a 1-worker run, so Adam skips it instead of stepping on zeros.
+
+    The per-backward state (ready / next / pending / aside) belongs to one autograd graph task
+    (torch._C._current_graph_task_id()). Autograd drops queued callbacks when backward
+    raises, so a hook that fires in another graph task while that state is live means the
+    backward that owned it raised: its reduces are waited on and dropped, and every parameter
+    it had reached gets .grad None on every rank (call zero_grad before the next step, as after
+    any failed backward); the new backward then starts clean. The failed backward must have
+    raised at the same point on every rank (as with DDP; a rank left inside a collective waits
+    until the process group's timeout). Reentrant activation checkpointing
+    (use_reentrant=True) runs nested backward passes (new graph tasks inside this one) and is
+    not supported here; large_batch.checkpoint_blocks is non-reentrant.
 
     Costs: per backward one reduce per parameter (the reduce-scatter half of DDP's all-reduce,
-    whole tensors; the broadcast after the step is the all-gather half), so accumulation over
-    k micro-batches communicates k times; held: the owner's accumulated .grad (4P/N) plus at
-    most `cap_bytes` in flight. A rank whose backward reaches none of the parameters would
-    leave the others waiting: every rank's backward must touch the model."""
+    whole tensors; the broadcast after the step is the all-gather half) and one all-reduce of
+    one byte per parameter, so accumulation over k micro-batches communicates k times; held:
+    the owner's accumulated .grad (4P/N) plus at most `cap_bytes` in flight. A rank whose
+    backward reaches none of the parameters would leave the others waiting: every rank's
+    backward must touch the model."""
 
     def __init__(
         self,
@@ -272,7 +301,7 @@ class _ReduceToOwner:
         self.aside: dict[int, torch.Tensor] = {}  # owner's .grad from earlier micro-batches
         self.pending: deque[tuple[Any, int, torch.Tensor]] = deque()
         self.in_flight = 0
-        self.callback_queued = False
+        self.graph_task = -1  # the backward whose end-of-backward callback (_finish) is queued
         self.handles = []
         for i, p in enumerate(self.params):
             self.handles.append(p.register_hook(functools.partial(self._before_accumulate, i)))
@@ -286,6 +315,8 @@ class _ReduceToOwner:
         self.handles = []
 
     def _before_accumulate(self, i: int, grad: torch.Tensor) -> None:
+        if self.graph_task not in (-1, torch._C._current_graph_task_id()):
+            self._drop_stale()
         p = self.params[i]
         if p.grad is not None:
             self.aside[i] = p.grad
@@ -294,12 +325,15 @@ class _ReduceToOwner:
     def _after_accumulate(self, i: int, p: nn.Parameter) -> None:
         if p.grad is None:  # the tensor hook and this one run in pairs; be safe
             return
+        task = torch._C._current_graph_task_id()
+        if task != self.graph_task:
+            if self.graph_task != -1:
+                self._drop_stale()
+            torch.autograd.Variable._execution_engine.queue_callback(self._finish)
+            self.graph_task = task
         if self.world > 1:
             p.grad.div_(self.world)
         self.ready[i] = True
-        if not self.callback_queued:
-            self.callback_queued = True
-            torch.autograd.Variable._execution_engine.queue_callback(self._finish)
         while self.next < len(self.params) and self.ready[self.next]:
             self._launch(self.next)
 
@@ -332,14 +366,46 @@ class _ReduceToOwner:
 
     def _finish(self) -> None:
         try:
+            zeros: dict[int, torch.Tensor] = {}  # launched with no gradient on this rank
             while self.next < len(self.params):
-                self._launch(self.next)
+                i = self.next
+                self._launch(i)
+                if not self.ready[i]:
+                    zeros[i] = self.pending[-1][2]
+            present = torch.tensor(self.ready, dtype=torch.uint8, device=self.params[0].device)
+            flags = dist.all_reduce(present, op=dist.ReduceOp.MAX, group=self.group, async_op=True)
             while self.pending:
                 self._complete_oldest()
+            flags.wait()
+            if zeros:
+                present = present.tolist()
+                for i, tensor in zeros.items():
+                    p = self.params[i]
+                    if not present[i] and p.grad is tensor:  # no rank had one: as before
+                        p.grad = None
         finally:
-            self.ready = [False] * len(self.params)
-            self.next = 0
-            self.callback_queued = False
+            self._reset()
+
+    def _drop_stale(self) -> None:
+        """The backward that owned the state raised (its _finish never ran): wait on its
+        reduces (the other ranks launched the same ones), drop them, and set .grad None on
+        every parameter it had reached."""
+        try:
+            while self.pending:
+                self.pending.popleft()[0].wait()
+        finally:
+            for i, p in enumerate(self.params):
+                if i < self.next or self.ready[i] or i in self.aside:
+                    p.grad = None
+            self._reset()
+
+    def _reset(self) -> None:
+        self.pending.clear()
+        self.aside.clear()
+        self.in_flight = 0
+        self.ready = [False] * len(self.params)
+        self.next = 0
+        self.graph_task = -1
 
 
 # The models wrapped at stage 2 and their hooks (a second wrap removes the first's).
@@ -411,7 +477,8 @@ def _fully_shard(
 #     kept past zero_grad(set_to_none=True) is overwritten by the next backward).
 #   - forward prefetch: once the first forward has shown the order the units run in, each
 #     unit's pre-forward starts the all-gather of the next (FSDP2's backward already
-#     prefetches the previous one). At most two units are gathered at once.
+#     prefetches the previous one); not in a forward inside backward (activation
+#     checkpointing's recompute). At most two units are gathered at once.
 # Memory between steps is 16P/N; inside a step, the gathered parameters of the running unit
 # and the prefetched one, and one unit's reduce buffers, as with FSDP2 on GPU.
 # Measured (quiet machine): 1.65-1.8x DDP's step with stage 3 and DDP alone in the round-
@@ -516,12 +583,19 @@ class _InFlight:
 
 class _P2PReduceScatter:
     """FSDP2's reduce-scatter of one unit: chunk j of the flat gradient to rank j, summed (and
-    averaged for AVG) into `output_tensor`, which FSDP2 makes the sharded .grad. The sum is
-    deferred (_InFlight) only when FSDP2 will not read the output before backward ends: no
-    .grad to add into and no post-accumulate-grad hook on the unit's parameters, and no
-    dtype cast after the reduce. Other reduce ops go to gloo's own reduce_scatter_single."""
+    averaged for AVG) into `output_tensor`, which FSDP2 makes the sharded .grad. FSDP2's
+    foreach_reduce goes on right after this returns: it divides the output by its
+    post-divide factor, runs the unit's all-reduce hook (set_all_reduce_hook) on it, casts it
+    to the parameters' dtype and copies it into or views it as .grad. So the sum is deferred
+    (_InFlight) only when none of that reads the output before backward ends: op AVG (FSDP2
+    picks it when it needs no post-divide: float32 / bfloat16 reduce dtype, no forced SUM, no
+    gradient_divide_factor other than N), no all-reduce hook on the unit, no .grad to add
+    into, no post-accumulate-grad hook on the unit's parameters and no dtype cast. SUM (with
+    FSDP2's post-divide after it) is summed at once; other ops (PREMUL_SUM, ...) go to gloo's
+    own reduce_scatter_single."""
 
-    def __init__(self, params: list[nn.Parameter], in_flight: _InFlight) -> None:
+    def __init__(self, module: nn.Module, params: list[nn.Parameter], in_flight: _InFlight) -> None:
+        self.module = weakref.ref(module)
         self.params, self.in_flight = params, in_flight
         self.gradients: torch.Tensor | None = None  # the unit's sharded .grad storage
 
@@ -537,13 +611,25 @@ class _P2PReduceScatter:
             return kept  # the reduce-scatter output, again: no .grad views it any more
         return torch.empty(size, dtype=dtype, device=device)
 
-    def _can_defer(self, dtype: torch.dtype) -> bool:
-        return all(
-            p.grad is None
-            and p.dtype == dtype
-            and not getattr(p, "_post_accumulate_grad_hooks", None)
-            for p in self.params
+    def _can_defer(self, op, dtype: torch.dtype) -> bool:
+        return (
+            op == dist.ReduceOp.AVG
+            and not self._has_all_reduce_hook()
+            and all(
+                p.grad is None
+                and p.dtype == dtype
+                and not getattr(p, "_post_accumulate_grad_hooks", None)
+                for p in self.params
+            )
         )
+
+    def _has_all_reduce_hook(self) -> bool:
+        module = self.module()
+        state = module._get_fsdp_state() if module is not None else None
+        groups = getattr(state, "_fsdp_param_groups", None)
+        if groups is None:  # FSDP2's layout changed: cannot tell, so do not defer
+            return True
+        return any(getattr(g, "_all_reduce_hook", None) is not None for g in groups)
 
     def __call__(self, output_tensor, input_tensor, group, op, async_op: bool = False):
         if op not in (dist.ReduceOp.SUM, dist.ReduceOp.AVG):
@@ -564,7 +650,7 @@ class _P2PReduceScatter:
         if self.gradients is None and all(p.grad is None for p in self.params):
             self.gradients = output_tensor  # becomes the .grad storage: keep it for next time
         reduce = _Reduce(works, chunks[rank], received, output_tensor, divide)
-        if self._can_defer(output_tensor.dtype):
+        if self._can_defer(op, output_tensor.dtype):
             self.in_flight.add(reduce)
         else:
             reduce.finish()
@@ -573,7 +659,11 @@ class _P2PReduceScatter:
 
 class _ForwardPrefetch:
     """Watches the first forward pass for the order the units run in, then has each unit
-    prefetch the next one's parameters (FSDPModule.set_modules_to_forward_prefetch)."""
+    prefetch the next one's parameters (FSDPModule.set_modules_to_forward_prefetch), but only
+    in a forward outside backward: activation checkpointing's recompute calls a unit's
+    forward inside backward, where the next unit's backward has already run, so a prefetch
+    there would gather parameters nobody waits on until the end of backward (a pre-hook,
+    ahead of FSDP2's pre-forward, sets the unit's prefetch list on each call)."""
 
     def __init__(self, model: nn.Module, units: list[nn.Module]) -> None:
         self.order: list[nn.Module] = []
@@ -589,8 +679,15 @@ class _ForwardPrefetch:
             handle.remove()
         self.handles = []
         for unit, following in zip(self.order[:-1], self.order[1:], strict=True):
-            unit.set_modules_to_forward_prefetch([following])
+            unit.register_forward_pre_hook(
+                functools.partial(_prefetch_outside_backward, [following]), prepend=True
+            )
         self.order = []
+
+
+def _prefetch_outside_backward(following: list[nn.Module], unit: nn.Module, *_: Any) -> None:
+    inside_backward = torch._C._current_graph_task_id() != -1
+    unit.set_modules_to_forward_prefetch([] if inside_backward else following)
 
 
 def _use_point_to_point(model: nn.Module, units: list[nn.Module]) -> None:
@@ -607,7 +704,7 @@ def _use_point_to_point(model: nn.Module, units: list[nn.Module]) -> None:
         }
         own = [p for p in module.parameters() if id(p) not in nested]
         module.set_custom_all_gather(_P2PAllGather())
-        module.set_custom_reduce_scatter(_P2PReduceScatter(own, in_flight))
+        module.set_custom_reduce_scatter(_P2PReduceScatter(module, own, in_flight))
     if len(units) > 1:
         _ForwardPrefetch(model, units)  # kept alive by its hooks until the first forward
 
