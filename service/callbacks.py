@@ -29,6 +29,7 @@ import torch
 
 from secant.v1 import optimizer_pb2 as pb
 from service.auth import Caller
+from service.errors import MalformedRequest
 from service.jobs import JobManager, encode_tensor
 from service.validation import Limits, decode_tensor, validate_callback_start
 from workers.runner import FailureEvent, IterateEvent, ResultEvent
@@ -125,8 +126,9 @@ class CallbackJobs:
         except _StreamBroken as exc:
             driver.suspend(str(exc))  # the caller may come back; nothing more can be sent
         except Exception as exc:
-            # Not the caller's doing (a solver or gateway fault): the job ends FAILED rather
-            # than staying RUNNING with nobody driving it; the RPC reports INTERNAL.
+            # A malformed message from the caller (ValueError: INVALID_ARGUMENT) or a fault
+            # in the gateway (INTERNAL): the job ends FAILED with that code rather than
+            # staying RUNNING with nobody driving it; the RPC reports the same code.
             await driver.fail_unexpectedly(exc)
             raise
         finally:
@@ -139,7 +141,7 @@ class CallbackJobs:
         try:
             async with asyncio.timeout(deadline):  # no extra task per read, unlike wait_for
                 message = await context.read()
-        except (TimeoutError, asyncio.CancelledError):
+        except (TimeoutError, asyncio.CancelledError, MalformedRequest):
             raise
         except Exception as exc:
             raise _StreamBroken(f"reading from the caller's stream failed ({exc})") from exc
@@ -250,6 +252,8 @@ class _Driver:
             self._deadline_hit = False
             self._reader.uncancel()
             raise TimeoutError from None
+        except MalformedRequest:
+            raise
         except Exception as exc:
             raise _StreamBroken(f"reading from the caller's stream failed ({exc})") from exc
         finally:
@@ -384,8 +388,12 @@ class _Driver:
             return
         self.finished = True
         self._record_pending()
-        message = f"the callback job failed in the gateway: {type(exc).__name__}: {exc}"
-        await self.owner._jobs.record(self.live, FailureEvent("INTERNAL", message))
+        if isinstance(exc, ValueError):
+            code, message = "INVALID_ARGUMENT", str(exc)
+        else:
+            code = "INTERNAL"
+            message = f"the callback job failed in the gateway: {type(exc).__name__}: {exc}"
+        await self.owner._jobs.record(self.live, FailureEvent(code, message))
 
     async def _fail(self, context, queue: asyncio.Queue, code: str, message: str) -> None:
         self.finished = True

@@ -368,3 +368,38 @@ def test_a_fault_in_the_gateway_fails_the_job_instead_of_leaving_it_running(
         events = list(stub.Watch(pb.WatchRequest(job_id=job_id)))
         [failure] = [e.failure for e in events if e.HasField("failure")]
         assert failure.code == "INTERNAL" and "injected solver fault" in failure.message
+
+
+def test_a_malformed_message_mid_solve_fails_the_job_as_invalid_argument(gateway):
+    with grpc.insecure_channel(gateway) as channel:
+        rpc = channel.stream_stream(
+            "/secant.v1.Optimizer/SolveWithCallbacks",
+            response_deserializer=pb.CallbackServerMessage.FromString,
+        )
+        outbox: queue.SimpleQueue = queue.SimpleQueue()
+        problem = pb.Problem(method="l-bfgs", x0=secant.to_tensor(np.array(X0)))
+        outbox.put(pb.CallbackClientMessage(
+            start=pb.CallbackStart(problem=problem, provides_gradient=True)
+        ).SerializeToString())
+
+        def requests():
+            while (item := outbox.get()) is not None:
+                yield item
+
+        job_id, answered = "", 0
+        with pytest.raises(grpc.RpcError) as raised:
+            for message in rpc(requests()):
+                for event in _events(message):
+                    job_id = event.job_id
+                if message.HasField("request"):
+                    answered += 1
+                    reply = _answer(message.request).SerializeToString()
+                    outbox.put(reply if answered < 3 else b"\x00")
+        outbox.put(None)
+        assert raised.value.code() == grpc.StatusCode.INVALID_ARGUMENT
+        assert "not a valid SolveWithCallbacks request" in raised.value.details()
+        stub = pb_grpc.OptimizerStub(channel)
+        assert stub.GetJob(pb.GetJobRequest(job_id=job_id)).state == pb.FAILED
+        events = list(stub.Watch(pb.WatchRequest(job_id=job_id)))
+        [failure] = [e.failure for e in events if e.HasField("failure")]
+        assert failure.code == "INVALID_ARGUMENT"
