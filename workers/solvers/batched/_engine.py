@@ -5,6 +5,7 @@ solvers (workers/solvers/_driver.py): the same tests in the same order, member b
 
 from __future__ import annotations
 
+import dataclasses
 import math
 import time
 from collections.abc import Callable
@@ -440,6 +441,9 @@ class BatchSolve:
 
     def _search(self, state: BatchState, searching: Tensor, d: Tensor, derphi0: Tensor,
                 alpha0: Tensor, alpha_max: Tensor | None = None, project=None) -> _Trial:
+        """Runs every searching row's line search to its end; one batched evaluation per
+        round. After the first round (where most members finish) the search state shrinks to
+        the rows still searching, so later rounds cost what those few rows cost."""
         rule = self.rule
         if isinstance(rule, BatchedStrongWolfe):
             search = rule.start(state.f, derphi0, alpha0, searching, alpha_max)
@@ -452,26 +456,47 @@ class BatchSolve:
         last_g = torch.full_like(state.g, math.nan)
         last_der = torch.full_like(state.f, math.nan)
         max_evals = self.options.termination.max_evals
+        covered: Tensor | None = None  # rows (of k) the shrunk search state holds; None: all
+        full_search = search
+        rounds = 0
+
+        def to_rows(mask: Tensor) -> Tensor:
+            if covered is None:
+                return mask
+            return torch.zeros(k, dtype=torch.bool, device=mask.device).index_copy(
+                0, covered, mask)
+
         while True:
-            rows = search.searching.nonzero().squeeze(1)  # host sync: who still searches
-            if rows.numel() == 0:
+            local = search.searching.nonzero().squeeze(1)  # host sync: who still searches
+            if local.numel() == 0:
                 break
             try:
                 self._before_evaluation(*self._check)
             except _Stopped as stop:
-                state.status = torch.where(search.searching, int(stop.status), state.status)
+                state.status = torch.where(to_rows(search.searching), int(stop.status),
+                                           state.status)
                 raise
             if max_evals is not None:
-                over = search.searching & (state.nfev >= max_evals)
-                state.status = torch.where(over, int(Status.MAX_EVALUATIONS), state.status)
+                nfev = state.nfev if covered is None else state.nfev.index_select(0, covered)
+                over = search.searching & (nfev >= max_evals)
+                state.status = torch.where(to_rows(over), int(Status.MAX_EVALUATIONS),
+                                           state.status)
                 search.searching = search.searching & ~over
-                rows = search.searching.nonzero().squeeze(1)
-                if rows.numel() == 0:
+                local = search.searching.nonzero().squeeze(1)
+                if local.numel() == 0:
                     break
+            if covered is None and rounds > 0 and local.numel() < COMPACT_BELOW * k:
+                search = _select_rows(search, local)
+                covered = local
+                local = torch.arange(local.numel(), device=local.device)
+            rounds += 1
+            rows = local if covered is None else covered.index_select(0, local)
             whole = rows.numel() == k
+            n_cov = search.alpha.shape[0]
             x_rows = state.x if whole else state.x.index_select(0, rows)
             d_rows = d if whole else d.index_select(0, rows)
-            a_rows = search.alpha if whole else search.alpha.index_select(0, rows)
+            a_rows = search.alpha if local.numel() == n_cov else search.alpha.index_select(
+                0, local)
             xt = torch.addcmul(x_rows, a_rows.unsqueeze(1), d_rows)
             if project is not None:
                 lo, hi = project
@@ -489,24 +514,28 @@ class BatchSolve:
             self.evaluations += 1
             ft = torch.where(torch.isfinite(ft), ft, torch.full_like(ft, math.nan))
             if whole:
-                phi, der = ft, dt
                 last_x, last_f, last_der = xt, ft, dt
                 if gt is not None:
                     last_g = gt
-                counted = search.searching.long()
+                counted = torch.ones_like(state.nfev)
             else:
-                phi = torch.full_like(state.f, math.nan).index_copy(0, rows, ft)
-                der = torch.full_like(state.f, math.nan).index_copy(0, rows, dt)
                 last_x = last_x.index_copy(0, rows, xt)
                 last_f = last_f.index_copy(0, rows, ft)
                 last_der = last_der.index_copy(0, rows, dt)
                 if gt is not None:
                     last_g = last_g.index_copy(0, rows, gt)
                 counted = torch.zeros_like(state.nfev).index_fill(0, rows, 1)
+            if local.numel() == n_cov:
+                phi, der = ft, dt
+            else:
+                phi = torch.full_like(search.alpha, math.nan).index_copy(0, local, ft)
+                der = torch.full_like(search.alpha, math.nan).index_copy(0, local, dt)
             state.nfev = state.nfev + counted
             if needs_g:
                 state.njev = state.njev + counted
             search = rule.advance(search, phi, der)
+        if covered is not None:
+            search = _scatter_rows(full_search, covered, search)
         ok = searching & search.success & (search.result_alpha > 0) & torch.isfinite(
             search.result_phi)
         return _Trial(ok=ok, saw_nonfinite=search.saw_nonfinite, alpha=search.result_alpha,
@@ -664,6 +693,19 @@ class BatchSolve:
             gave_up, torch.where(saw_nonfinite, int(Status.NON_FINITE),
                                  int(Status.LINE_SEARCH_FAILED)), state.status)
         self._after_step(state, moved & (state.status == RUNNING))
+
+
+def _select_rows(search, rows: Tensor):
+    return dataclasses.replace(search, **{
+        f.name: getattr(search, f.name).index_select(0, rows) for f in dataclasses.fields(search)})
+
+
+def _scatter_rows(full, rows: Tensor, part):
+    """`full` with the rows `rows` replaced by the shrunk search `part` (result fields)."""
+    names = ("searching", "success", "saw_nonfinite", "result_alpha", "result_phi",
+             "result_derphi")
+    return dataclasses.replace(full, **{
+        name: getattr(full, name).index_copy(0, rows, getattr(part, name)) for name in names})
 
 
 def _merge(rows: Tensor, new: _Trial, old: _Trial) -> _Trial:
