@@ -343,6 +343,8 @@ class BatchSolve:
             gn, f = state.grad_norm[running], state.f[running]
         else:
             gn, f = state.out_g.abs().amax(1), state.out_f
+        finite = torch.isfinite(gn) & torch.isfinite(f)
+        gn, f = gn[finite], f[finite]
         if gn.numel():
             stats = torch.stack((gn.min(), gn.median(), f.min(), f.median())).tolist()
         else:
@@ -458,7 +460,6 @@ class BatchSolve:
         max_evals = self.options.termination.max_evals
         covered: Tensor | None = None  # rows (of k) the shrunk search state holds; None: all
         full_search = search
-        rounds = 0
 
         def to_rows(mask: Tensor) -> Tensor:
             if covered is None:
@@ -485,11 +486,10 @@ class BatchSolve:
                 local = search.searching.nonzero().squeeze(1)
                 if local.numel() == 0:
                     break
-            if covered is None and rounds > 0 and local.numel() < COMPACT_BELOW * k:
+            if covered is None and local.numel() < COMPACT_BELOW * k:
                 search = _select_rows(search, local)
                 covered = local
                 local = torch.arange(local.numel(), device=local.device)
-            rounds += 1
             rows = local if covered is None else covered.index_select(0, local)
             whole = rows.numel() == k
             n_cov = search.alpha.shape[0]
@@ -533,6 +533,17 @@ class BatchSolve:
             state.nfev = state.nfev + counted
             if needs_g:
                 state.njev = state.njev + counted
+            # Most trials are accepted at once: settle those cheaply, then run the full update
+            # only on the rest (shrunk to them when they are few).
+            rule.settle(search, phi, der)
+            if covered is None:
+                rest = search.searching.nonzero().squeeze(1)
+                if rest.numel() == 0:
+                    break
+                if rest.numel() < COMPACT_BELOW * k:
+                    search = _select_rows(search, rest)
+                    phi, der = phi.index_select(0, rest), der.index_select(0, rest)
+                    covered = rest
             search = rule.advance(search, phi, der)
         if covered is not None:
             search = _scatter_rows(full_search, covered, search)

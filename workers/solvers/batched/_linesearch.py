@@ -164,6 +164,17 @@ class BatchedStrongWolfe:
             trials=torch.zeros_like(phi0, dtype=torch.int64),
         )
 
+    def settle(self, s: WolfeSearch, phi: Tensor, derphi: Tensor) -> Tensor:
+        """Ends the searches whose trial already is a strong Wolfe point, exactly as `advance`
+        would end them, without the interval update; returns that mask. The engine calls it
+        before `advance` so that the full update runs only on the rows still searching."""
+        f = phi.to(dtype=s.phi0.dtype)
+        g = derphi.to(dtype=s.phi0.dtype)
+        done = s.searching & torch.isfinite(f) & torch.isfinite(g) & (
+            f <= s.phi0 + s.alpha * s.gtest) & (g.abs() <= self.c2 * -s.derphi0)
+        _settle(s, done, f, g)
+        return done
+
     def advance(self, s: WolfeSearch, phi: Tensor, derphi: Tensor) -> WolfeSearch:
         """One trial's answer for every member; members not searching are left as they are."""
         where = torch.where
@@ -296,6 +307,14 @@ class BatchedArmijo:
             trials=torch.zeros_like(phi0, dtype=torch.int64),
         )
 
+    def settle(self, s: ArmijoSearch, phi: Tensor, derphi: Tensor | None = None) -> Tensor:
+        """Ends the searches whose trial already has sufficient decrease (see
+        BatchedStrongWolfe.settle); returns that mask."""
+        f = phi.to(dtype=s.phi0.dtype)
+        done = s.searching & torch.isfinite(f) & (f <= s.phi0 + self.c1 * (s.alpha * s.derphi0))
+        _settle(s, done, f, None)
+        return done
+
     def advance(self, s: ArmijoSearch, phi: Tensor, derphi: Tensor | None = None) -> ArmijoSearch:
         """One trial's value for every member; members not searching are left as they are."""
         where = torch.where
@@ -327,6 +346,17 @@ class BatchedArmijo:
         s.searching = on & ~ok & ~exhausted
         s.alpha = where(step, new, a)
         return s
+
+
+def _settle(s, done: Tensor, f: Tensor, g: Tensor | None) -> None:
+    where = torch.where
+    s.result_alpha = where(done, s.alpha, s.result_alpha)
+    s.result_phi = where(done, f, s.result_phi)
+    if g is not None:
+        s.result_derphi = where(done, g, s.result_derphi)
+    s.success = s.success | done
+    s.searching = s.searching & ~done
+    s.trials = s.trials + done.to(torch.int64)
 
 
 def _quadmin_from_origin(phi0, derphi0, a, phi_a):
