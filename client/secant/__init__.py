@@ -9,8 +9,9 @@ imported only when used (``progress=True``, ``result.plot()``, the CLI's YAML sp
 >>> res.x, res.fun, res.success
 """
 
-from secant._aio import AsyncBatch, AsyncClient, AsyncJob
-from secant._client import Batch, Client, Job
+from secant._aio import AsyncBatch, AsyncBatchJob, AsyncClient, AsyncJob
+from secant._batch import BatchInputError, BatchSolveResult, build_batch_problem
+from secant._client import Batch, BatchJob, Client, Job
 from secant._core import DEFAULT_ADDRESS, RetryPolicy, TLSConfig
 from secant._errors import SecantError
 from secant._problem import Bounds, Expression, Pickled, Residual, TorchExport, build_problem
@@ -23,9 +24,13 @@ __version__ = "0.1.0"
 __all__ = [
     "DEFAULT_ADDRESS",
     "AsyncBatch",
+    "AsyncBatchJob",
     "AsyncClient",
     "AsyncJob",
     "Batch",
+    "BatchInputError",
+    "BatchJob",
+    "BatchSolveResult",
     "Bounds",
     "Client",
     "Expression",
@@ -42,6 +47,7 @@ __all__ = [
     "TorchExport",
     "TrainRun",
     "__version__",
+    "build_batch_problem",
     "build_problem",
     "from_tensor",
     "plot_history",

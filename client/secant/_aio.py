@@ -14,6 +14,7 @@ from typing import Any
 import grpc
 import grpc.aio
 
+from secant._batch import BatchObjective, BatchProgressBar, BatchSolveResult, build_batch_problem
 from secant._core import (
     DEFAULT_ADDRESS,
     EventTracker,
@@ -125,6 +126,62 @@ class AsyncClient:
         info = await self._unary(self._stub.Submit, request)
         return AsyncJob(self, info.job_id, info)
 
+    async def minimize_batch(
+        self,
+        objective: BatchObjective,
+        X0: Any,
+        *,
+        data: DataLike | None = None,
+        member_data: DataLike | None = None,
+        method: str = "bfgs",
+        bounds: Any = None,
+        options: Mapping[str, Any] | None = None,
+        dtype: str | None = None,
+        device: str | None = None,
+        chunk_size: int = 0,
+        labels: Mapping[str, str] | None = None,
+        progress: bool = False,
+        timeout: float | None = None,
+    ) -> BatchSolveResult:
+        """Solves B same-shape problems as one vectorized job; see ``Client.minimize_batch``."""
+        job = await self.submit_batch_problem(
+            objective, X0, data=data, member_data=member_data, method=method, bounds=bounds,
+            options=options, dtype=dtype, device=device, chunk_size=chunk_size, labels=labels,
+        )  # fmt: skip
+        return await job.result(timeout=timeout, progress=progress)
+
+    async def submit_batch_problem(
+        self,
+        objective: BatchObjective,
+        X0: Any,
+        *,
+        data: DataLike | None = None,
+        member_data: DataLike | None = None,
+        method: str = "bfgs",
+        bounds: Any = None,
+        options: Mapping[str, Any] | None = None,
+        dtype: str | None = None,
+        device: str | None = None,
+        chunk_size: int = 0,
+        labels: Mapping[str, str] | None = None,
+        idempotency_key: str | None = None,
+    ) -> AsyncBatchJob:
+        """Submits a vectorized batch and returns at once; see ``Client.submit_batch_problem``."""
+        problem = build_batch_problem(
+            objective, X0, data=data, member_data=member_data, method=method, bounds=bounds,
+            options=options, dtype=dtype, device=device, chunk_size=chunk_size, labels=labels,
+        )  # fmt: skip
+        request = pb.SubmitRequest(
+            problem=problem, idempotency_key=idempotency_key or new_idempotency_key()
+        )
+        info = await self._unary(self._stub.Submit, request)
+        return AsyncBatchJob(self, info.job_id, info)
+
+    async def get_batch_job(self, job_id: str) -> AsyncBatchJob:
+        """A vectorized batch job's handle by id (one GetJob call)."""
+        info = await self._unary(self._stub.GetJob, pb.GetJobRequest(job_id=job_id))
+        return AsyncBatchJob(self, info.job_id, info)
+
     async def submit_batch(self, problems: Iterable[pb.Problem | Mapping[str, Any]]) -> AsyncBatch:
         """Submits many problems in one call under one batch id; see ``Client.submit_batch``."""
         request = pb.SubmitBatchRequest(problems=[problem_from(p) for p in problems])
@@ -228,7 +285,7 @@ class AsyncJob(JobHandleBase):
     async def events(self, after_seq: int | None = None) -> AsyncIterator[pb.JobEvent]:
         """``async for`` over JobEvent protos with seq > after_seq until the job ends."""
         start = 0 if after_seq is None else after_seq
-        stream_tracker = EventTracker(self.id)
+        stream_tracker = EventTracker(self.id, batch=self._batch)
         stream_tracker.last_seq = start
         async for event in self._client._follow(
             stream_tracker,
@@ -265,6 +322,23 @@ class AsyncJob(JobHandleBase):
         """Fetches the job record (one GetJob call) and updates ``state`` and ``info``."""
         self._apply_info((await self._client.get_job(self.id)).info)
         return self
+
+
+class AsyncBatchJob(AsyncJob):
+    """A vectorized batch job for asyncio code; see ``secant.BatchJob``."""
+
+    _batch = True
+
+    async def result(  # type: ignore[override]
+        self, timeout: float | None = None, progress: bool = False
+    ) -> BatchSolveResult:
+        """Waits for the job to end; ``progress=True`` shows members finished meanwhile."""
+        if progress and not self._tracker.done:
+            self._tracker.attach_progress(BatchProgressBar(self._tracker.members or None))
+        try:
+            return await super().result(timeout=timeout)  # type: ignore[return-value]
+        finally:
+            self._tracker.close_progress()
 
 
 class AsyncBatch:

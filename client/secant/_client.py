@@ -9,6 +9,7 @@ from typing import Any
 
 import grpc
 
+from secant._batch import BatchObjective, BatchProgressBar, BatchSolveResult, build_batch_problem
 from secant._callbacks import CallbackEvaluator, callback_start
 from secant._core import (
     DEFAULT_ADDRESS,
@@ -259,6 +260,78 @@ class Client:
         info = self._unary(self._stub.Submit, request)
         return Job(self, info.job_id, info)
 
+    def minimize_batch(
+        self,
+        objective: BatchObjective,
+        X0: Any,
+        *,
+        data: DataLike | None = None,
+        member_data: DataLike | None = None,
+        method: str = "bfgs",
+        bounds: Any = None,
+        options: Mapping[str, Any] | None = None,
+        dtype: str | None = None,
+        device: str | None = None,
+        chunk_size: int = 0,
+        labels: Mapping[str, str] | None = None,
+        progress: bool = False,
+        timeout: float | None = None,
+    ) -> BatchSolveResult:
+        """Solves B same-shape problems as one vectorized job; returns every member's result.
+
+        ``X0`` is (B, n), one start per member. ``objective`` is written for ONE member, as
+        for ``minimize`` (a DSL string, ``secant.Expression`` or ``secant.Residual``);
+        ``data`` is shared by all members, and each ``member_data`` array has a leading
+        dimension B (member i sees ``array[i]`` under its name). ``bounds``: (n,) for every
+        member or (B, n) per member (see ``build_batch_problem``). ``chunk_size`` is members
+        per CPU worker chunk (0: the server's default). One Submit, then the job's events:
+        ``progress=True`` shows members finished (tqdm if installed, else a stderr line).
+
+        A member that does not converge (or whose start holds NaN) only has its own
+        ``status``; a job that errors raises SecantError, as does ``timeout`` (the job goes
+        on: ``get_batch_job(job_id).result()``).
+        """
+        job = self.submit_batch_problem(
+            objective, X0, data=data, member_data=member_data, method=method, bounds=bounds,
+            options=options, dtype=dtype, device=device, chunk_size=chunk_size, labels=labels,
+        )  # fmt: skip
+        return job.result(timeout=timeout, progress=progress)
+
+    def submit_batch_problem(
+        self,
+        objective: BatchObjective,
+        X0: Any,
+        *,
+        data: DataLike | None = None,
+        member_data: DataLike | None = None,
+        method: str = "bfgs",
+        bounds: Any = None,
+        options: Mapping[str, Any] | None = None,
+        dtype: str | None = None,
+        device: str | None = None,
+        chunk_size: int = 0,
+        labels: Mapping[str, str] | None = None,
+        idempotency_key: str | None = None,
+    ) -> BatchJob:
+        """Submits a vectorized batch (one job, see ``minimize_batch``) and returns at once.
+
+        The handle's ``result()`` is a BatchSolveResult. Safe to retry (idempotency key).
+        """
+        problem = build_batch_problem(
+            objective, X0, data=data, member_data=member_data, method=method, bounds=bounds,
+            options=options, dtype=dtype, device=device, chunk_size=chunk_size, labels=labels,
+        )  # fmt: skip
+        request = pb.SubmitRequest(
+            problem=problem, idempotency_key=idempotency_key or new_idempotency_key()
+        )
+        info = self._unary(self._stub.Submit, request)
+        return BatchJob(self, info.job_id, info)
+
+    def get_batch_job(self, job_id: str) -> BatchJob:
+        """A vectorized batch job's handle by id (one GetJob call)."""
+        info = self._unary(self._stub.GetJob, pb.GetJobRequest(job_id=job_id))
+        return BatchJob(self, info.job_id, info)
+
     def submit_batch(self, problems: Iterable[pb.Problem | Mapping[str, Any]]) -> Batch:
         """Submits many problems in one call, each its own job under one batch id.
 
@@ -391,7 +464,7 @@ class Job(JobHandleBase):
         start = 0 if after_seq is None else after_seq
         # A separate tracker for the yielded sequence (the caller may replay from any point);
         # the handle's own tracker keeps the history and the result.
-        stream_tracker = EventTracker(self.id)
+        stream_tracker = EventTracker(self.id, batch=self._batch)
         stream_tracker.last_seq = start
         for event in self._client._follow(
             stream_tracker,
@@ -433,6 +506,24 @@ class Job(JobHandleBase):
         """Fetches the job record (one GetJob call) and updates ``state`` and ``info``."""
         self._apply_info(self._client.get_job(self.id).info)
         return self
+
+
+class BatchJob(Job):
+    """A handle on one vectorized batch job (``submit_batch_problem``); its result is a
+    BatchSolveResult with every member's outcome."""
+
+    _batch = True
+
+    def result(  # type: ignore[override]
+        self, timeout: float | None = None, progress: bool = False
+    ) -> BatchSolveResult:
+        """Waits for the job to end; ``progress=True`` shows members finished meanwhile."""
+        if progress and not self._tracker.done:
+            self._tracker.attach_progress(BatchProgressBar(self._tracker.members or None))
+        try:
+            return super().result(timeout=timeout)  # type: ignore[return-value]
+        finally:
+            self._tracker.close_progress()
 
 
 class Batch:

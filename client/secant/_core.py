@@ -19,6 +19,7 @@ from typing import Any
 
 import grpc
 
+from secant._batch import BatchSolveResult
 from secant._errors import SecantError, from_rpc_error, status_code_from_name
 from secant._problem import build_problem
 from secant._result import IterateRecord, JobState, OptimizeResult
@@ -263,14 +264,20 @@ class EventTracker:
     caller asked for it).
     """
 
-    def __init__(self, job_id: str = "", progress: ProgressBar | None = None) -> None:
+    def __init__(
+        self, job_id: str = "", progress: ProgressBar | None = None, batch: bool = False
+    ) -> None:
         self.job_id = job_id
         self.last_seq = 0
         self.state = JobState.UNSPECIFIED
         self.method = ""
         self.batch_id = ""
+        # A vectorized batch job (known from the caller, Accepted.members or the result):
+        # its result is a BatchSolveResult.
+        self.batch = batch
+        self.members = 0
         self.history: list[IterateRecord] = []
-        self.result: OptimizeResult | None = None
+        self.result: OptimizeResult | BatchSolveResult | None = None
         self.failure: SecantError | None = None
         self.gaps = 0  # events the server skipped (it should never; counted for diagnosis)
         self._progress = progress
@@ -293,6 +300,8 @@ class EventTracker:
             self.state = JobState.parse(event.accepted.state or pb.QUEUED)
             self.method = event.accepted.method
             self.batch_id = event.accepted.batch_id
+            self.members = int(event.accepted.members)
+            self.batch = self.batch or self.members > 0
         elif kind == "iterate":
             self.state = JobState.RUNNING
             self.history.append(IterateRecord.from_proto(event.iterate))
@@ -322,7 +331,14 @@ class EventTracker:
             self._finish_with_failure(job.failure)
 
     def _finish_with_result(self, result: pb.Result) -> None:
-        self.result = OptimizeResult.from_proto(result, job_id=self.job_id, history=self.history)
+        if self.batch or result.HasField("batch"):
+            self.result = BatchSolveResult.from_proto(
+                result, job_id=self.job_id, history=self.history
+            )
+        else:
+            self.result = OptimizeResult.from_proto(
+                result, job_id=self.job_id, history=self.history
+            )
         if not self.state.is_terminal:
             if result.success:
                 self.state = JobState.SUCCEEDED
@@ -345,13 +361,19 @@ class EventTracker:
         self.result, self.failure = other.result, other.failure
         self.state = other.state
 
+    def attach_progress(self, progress: Any) -> None:
+        """Feeds later iterate events to ``progress`` (anything with update(iterate), close())."""
+        self.close_progress()
+        self._progress = progress
+
     def close_progress(self) -> None:
         if self._progress is not None:
             self._progress.close()
             self._progress = None
 
-    def outcome(self) -> OptimizeResult:
-        """The result, or raises the job's failure as a SecantError."""
+    def outcome(self) -> OptimizeResult | BatchSolveResult:
+        """The result (OptimizeResult, or BatchSolveResult for a batch job), or raises the
+        job's failure as a SecantError."""
         if self.failure is not None:
             raise self.failure
         if self.result is None:
@@ -379,8 +401,10 @@ def new_idempotency_key() -> str:
 class JobHandleBase:
     """What sync and async job handles share: identity and last known state (no I/O)."""
 
+    _batch = False  # batch job handles decode the result as a BatchSolveResult
+
     def __init__(self, job_id: str, info: pb.Job | None = None) -> None:
-        self._tracker = EventTracker(job_id)
+        self._tracker = EventTracker(job_id, batch=self._batch)
         self._info = info
         if info is not None:
             self._tracker.accept_job(info, finish=False)

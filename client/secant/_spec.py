@@ -38,8 +38,12 @@ class SpecError(ValueError):
     """A spec file is malformed; the message names the key and what was expected."""
 
 
-def load_spec(path: str | Path) -> dict[str, Any]:
-    """Reads a spec file into ``Client.minimize`` keyword arguments (data files loaded)."""
+def load_spec(path: str | Path, require_x0: bool = True) -> dict[str, Any]:
+    """Reads a spec file into ``Client.minimize`` keyword arguments (data files loaded).
+
+    ``require_x0=False`` (``secant solve --batch``, where x0 comes from an .npz) lets the
+    spec leave x0 out; the result then has no "x0" key.
+    """
     path = Path(path)
     text = path.read_text()
     if path.suffix.lower() == ".json":
@@ -50,24 +54,25 @@ def load_spec(path: str | Path) -> dict[str, Any]:
         except ImportError as exc:
             raise ImportError("YAML specs need pyyaml: pip install 'secant[yaml]'") from exc
         raw = yaml.safe_load(text)
-    return spec_to_kwargs(raw, base_dir=path.parent)
+    return spec_to_kwargs(raw, base_dir=path.parent, require_x0=require_x0)
 
 
-def spec_to_kwargs(raw: Any, base_dir: Path = Path(".")) -> dict[str, Any]:
+def spec_to_kwargs(
+    raw: Any, base_dir: Path = Path("."), require_x0: bool = True
+) -> dict[str, Any]:
     """Turns a parsed spec (a mapping) into ``minimize`` keyword arguments."""
     if not isinstance(raw, Mapping):
         raise SpecError("a spec must be a mapping with at least 'objective' and 'x0'")
     unknown = set(raw) - SPEC_KEYS
     if unknown:
         raise SpecError(f"unknown spec keys {sorted(unknown)}; allowed: {sorted(SPEC_KEYS)}")
-    for required in ("objective", "x0"):
+    for required in ("objective", "x0") if require_x0 else ("objective",):
         if required not in raw:
             raise SpecError(f"spec is missing {required!r}")
     data = {str(k): _data_tensor(k, v, base_dir) for k, v in (raw.get("data") or {}).items()}
-    kwargs: dict[str, Any] = {
-        "objective": _objective(raw["objective"], data),
-        "x0": _x0(raw["x0"]),
-    }
+    kwargs: dict[str, Any] = {"objective": _objective(raw["objective"], data)}
+    if "x0" in raw:
+        kwargs["x0"] = _x0(raw["x0"])
     for key in ("method", "options", "device", "dtype", "report_x_every", "labels"):
         if raw.get(key) is not None:
             kwargs[key] = raw[key]

@@ -1,6 +1,8 @@
 """The ``secant`` command line (every subcommand but ``serve``, which lives in service/).
 
     secant solve SPEC.yaml              stream progress, print the result
+    secant solve SPEC.yaml --batch B.npz [--member-data NAME]... [--out results.npz]
+                                        one vectorized job: x0 (B x n) and data from B.npz
     secant jobs list [--state S] [--method M] [--batch B] [--limit N]
     secant jobs show JOB | watch JOB | cancel JOB... | plot JOB -o conv.png
 
@@ -22,6 +24,7 @@ from typing import Any
 
 import numpy as np
 
+from secant._batch import BatchSolveResult
 from secant._client import Client
 from secant._core import DEFAULT_ADDRESS, TLSConfig, tls_from_env
 from secant._errors import SecantError
@@ -97,6 +100,25 @@ def build_parser() -> argparse.ArgumentParser:
     solve.add_argument("--json", action="store_true", help="print the result as JSON")
     solve.add_argument("--detach", action="store_true", help="submit, print the job id, exit")
     solve.add_argument("--timeout", type=float, default=None, help="give up waiting after S s")
+    solve.add_argument(
+        "--batch", metavar="FILE.npz", default=None,
+        help="solve a vectorized batch: the .npz holds x0 (B x n, one start per member) and "
+        "data arrays (shared unless named by --member-data); the spec gives the objective, "
+        "written for one member, and no x0",
+    )
+    solve.add_argument(
+        "--member-data", action="append", default=[], metavar="NAME",
+        help="with --batch: an array of the .npz with one entry per member (leading "
+        "dimension B); repeat for several",
+    )
+    solve.add_argument(
+        "--out", metavar="FILE.npz", default=None,
+        help="with --batch: write x, fun, status, nit, nfev and success per member",
+    )
+    solve.add_argument(
+        "--chunk-size", type=int, default=0,
+        help="with --batch: members per CPU worker chunk (0: the server's default)",
+    )
     solve.set_defaults(handler=_solve)
 
     train = commands.add_parser("train", parents=[connection],
@@ -166,6 +188,11 @@ def _client(args: argparse.Namespace) -> Client:
 def _solve(client: Client, args: argparse.Namespace) -> int:
     from secant._spec import SpecError, load_spec
 
+    if args.batch is not None:
+        return _solve_batch(client, args)
+    if args.member_data or args.out or args.chunk_size:
+        print("error: --member-data, --out and --chunk-size go with --batch", file=sys.stderr)
+        return EXIT_USAGE
     try:
         kwargs = load_spec(args.spec)
     except SpecError as exc:
@@ -181,6 +208,96 @@ def _solve(client: Client, args: argparse.Namespace) -> int:
         _print_history_summary(result.history)
     print(_result_json(result) if args.json else _result_text(result))
     return EXIT_OK if result.success else EXIT_NOT_CONVERGED
+
+
+def _solve_batch(client: Client, args: argparse.Namespace) -> int:
+    from secant._spec import SpecError, load_spec
+
+    def usage(message: str) -> int:
+        print(f"error: {message}", file=sys.stderr)
+        return EXIT_USAGE
+
+    try:
+        kwargs = load_spec(args.spec, require_x0=False)
+    except SpecError as exc:
+        return usage(f"{args.spec}: {exc}")
+    for key, why in (("x0", f"x0 comes from {args.batch} (its 'x0' array)"),
+                     ("report_x_every", "batch jobs report counts, not x")):  # fmt: skip
+        if key in kwargs:
+            return usage(f"{args.spec}: remove {key!r} from the spec with --batch: {why}")
+    try:
+        arrays = load_batch_arrays(args.batch)
+    except ValueError as exc:
+        return usage(str(exc))
+    if "x0" not in arrays:
+        return usage(
+            f"{args.batch} has no 'x0' array (the B x n starts); it has {sorted(arrays) or 'none'}"
+        )
+    x0 = arrays.pop("x0")
+    missing = [name for name in args.member_data if name not in arrays]
+    if missing:
+        return usage(
+            f"--member-data {', '.join(missing)}: not in {args.batch} (it has {sorted(arrays)})"
+        )
+    member = {name: arrays.pop(name) for name in args.member_data}
+    batch_kwargs = dict(
+        data=arrays or None, member_data=member or None, chunk_size=args.chunk_size, **kwargs
+    )
+    objective = batch_kwargs.pop("objective")
+    if args.detach:
+        job = client.submit_batch_problem(objective, x0, **batch_kwargs)
+        print(job.id)
+        return EXIT_OK
+    show_progress = not (args.quiet or args.json) and sys.stderr.isatty()
+    result = client.minimize_batch(
+        objective, x0, progress=show_progress, timeout=args.timeout, **batch_kwargs
+    )
+    if args.out:
+        save_batch_result(args.out, result)
+    print(_batch_json(result, args.out) if args.json else result.summary())
+    if args.out and not args.json:
+        print(f"  wrote {args.out} (x, fun, status, nit, nfev, success)")
+    return EXIT_OK if result.all_converged else EXIT_NOT_CONVERGED
+
+
+def load_batch_arrays(path: str) -> dict[str, np.ndarray]:
+    """Every array of an .npz archive by name (never unpickled); ValueError names the problem."""
+    try:
+        loaded = np.load(path, allow_pickle=False)
+    except (OSError, ValueError) as exc:
+        raise ValueError(f"--batch {path}: cannot read it as an .npz archive ({exc})") from None
+    if not isinstance(loaded, np.lib.npyio.NpzFile):
+        raise ValueError(
+            f"--batch {path}: expected an .npz archive (np.savez(path, x0=X0, ...)), "
+            "got a single array"
+        )
+    with loaded:
+        return {name: loaded[name] for name in loaded.files}
+
+
+def save_batch_result(path: str, result: BatchSolveResult) -> None:
+    """Writes the per-member arrays (x, fun, status, nit, nfev, success) to an .npz."""
+    np.savez(
+        path, x=result.x, fun=result.fun, status=result.status, nit=result.nit,
+        nfev=result.nfev, success=result.success,
+    )  # fmt: skip
+
+
+def _batch_json(result: BatchSolveResult, out: str | None) -> str:
+    finite = result.fun[np.isfinite(result.fun)]
+    summary = {
+        "job_id": result.job_id,
+        "members": len(result),
+        "converged": result.converged,
+        "status_counts": result.status_counts(),
+        "median_nit": float(np.median(result.nit)) if len(result) else 0.0,
+        "best_fun": float(finite.min()) if finite.size else None,
+        "wall_time_s": result.wall_time_s,
+        "solve_time_s": result.solve_time_s,
+        "message": result.message,
+        "out": out,
+    }
+    return json.dumps(summary, indent=2)
 
 
 def _train(client: Client, args: argparse.Namespace) -> int:
@@ -272,7 +389,9 @@ def _jobs_show(client: Client, args: argparse.Namespace) -> int:
     fields += [(f"label {k}", v) for k, v in sorted(info.labels.items())]
     for name, value in fields:
         print(f"{name:>10}: {value}")
-    if info.HasField("result"):
+    if info.HasField("result") and info.result.HasField("batch"):
+        print(BatchSolveResult.from_proto(info.result, job_id=info.job_id).summary())
+    elif info.HasField("result"):
         print(repr(OptimizeResult.from_proto(info.result, job_id=info.job_id)))
     if info.HasField("failure"):
         print(f"   failure: {info.failure.code}: {info.failure.message}")
@@ -313,18 +432,25 @@ def format_event(event: pb.JobEvent) -> str:
     head = f"{event.seq:6d} {kind or 'event':<12}"
     if kind == "accepted":
         a = event.accepted
-        return f"{head} state={JobState.parse(a.state)} method={a.method} n={a.n}"
+        members = f" members={a.members}" if a.members else ""
+        return f"{head} state={JobState.parse(a.state)} method={a.method} n={a.n}{members}"
     if kind == "iterate":
         it = event.iterate
         text = (
             f"{head} iter={it.iteration} f={it.f:.10e} gnorm={it.grad_norm:.3e} "
             f"step={it.step_size:.3g} nfev={it.nfev} t={it.elapsed_s:.3f}s"
         )
+        if it.HasField("batch"):
+            b = it.batch
+            text += f" active={b.active} converged={b.converged} failed={b.failed}/{b.size}"
         if not is_empty(it.x):
             text += f" x={np.array2string(from_tensor(it.x), threshold=6, precision=4)}"
         return text
     if kind == "result":
         r = event.result
+        if r.HasField("batch"):
+            size = r.batch.fun.shape[0] if r.batch.fun.shape else 0
+            return f"{head} converged={r.batch.converged}/{size} best fun={r.fun:.10e}"
         return f"{head} success={r.success} fun={r.fun:.10e} nit={r.nit} message={r.message!r}"
     if kind == "failure":
         return f"{head} {event.failure.code}: {event.failure.message}"

@@ -4,6 +4,7 @@ Pure torch: no Ray or gRPC imports, so the service can validate with it and work
 evaluate with it.
 """
 
+from ._batch import BATCH_OBJECTIVE_KINDS, BatchObjective, build_batch_objective
 from ._data import ACCEPTED_DTYPES, ObjectiveLimits, TensorSpec, tensor_from_bytes
 from ._errors import ExpressionError, ObjectiveError, UntrustedCodeError
 from ._expression import (
@@ -19,6 +20,8 @@ from ._trusted import load_cloudpickle, load_torch_export
 
 __all__ = [
     "ACCEPTED_DTYPES",
+    "BATCH_OBJECTIVE_KINDS",
+    "BatchObjective",
     "CONSTANT_NAMES",
     "FUNCTION_NAMES",
     "OBJECTIVE_KINDS",
@@ -31,6 +34,7 @@ __all__ = [
     "ObjectiveLimits",
     "TensorSpec",
     "UntrustedCodeError",
+    "build_batch_objective",
     "build_objective",
     "compile_expression",
     "load_cloudpickle",

@@ -39,6 +39,10 @@ class ObjectiveLimits:
     max_total_data_bytes: int = 1024 * 2**20
     max_data_tensors: int = 64
     max_dimension: int = 2**31 - 1
+    # Batch solves: members per job, and any tensor of the whole batch's evaluation (checked
+    # on meta tensors before the probe allocates it; 2**29 float64 elements are 4 GiB).
+    max_batch_size: int = 2**22
+    max_batch_intermediate_elements: int = 2**29
     # torch.export archives and pickles (trusted callers only).
     max_blob_bytes: int = 512 * 2**20
     expression: ExpressionLimits = field(default_factory=ExpressionLimits)

@@ -103,7 +103,7 @@ class Bounds(_message.Message):
     def __init__(self, lower: _Optional[_Union[Tensor, _Mapping]] = ..., upper: _Optional[_Union[Tensor, _Mapping]] = ...) -> None: ...
 
 class Problem(_message.Message):
-    __slots__ = ("objective", "x0", "method", "bounds", "options", "device", "dtype", "report_x_every", "labels")
+    __slots__ = ("objective", "x0", "method", "bounds", "options", "device", "dtype", "report_x_every", "labels", "batch")
     class LabelsEntry(_message.Message):
         __slots__ = ("key", "value")
         KEY_FIELD_NUMBER: _ClassVar[int]
@@ -120,6 +120,7 @@ class Problem(_message.Message):
     DTYPE_FIELD_NUMBER: _ClassVar[int]
     REPORT_X_EVERY_FIELD_NUMBER: _ClassVar[int]
     LABELS_FIELD_NUMBER: _ClassVar[int]
+    BATCH_FIELD_NUMBER: _ClassVar[int]
     objective: Objective
     x0: Tensor
     method: str
@@ -129,10 +130,21 @@ class Problem(_message.Message):
     dtype: DType
     report_x_every: int
     labels: _containers.ScalarMap[str, str]
-    def __init__(self, objective: _Optional[_Union[Objective, _Mapping]] = ..., x0: _Optional[_Union[Tensor, _Mapping]] = ..., method: _Optional[str] = ..., bounds: _Optional[_Union[Bounds, _Mapping]] = ..., options: _Optional[_Union[_struct_pb2.Struct, _Mapping]] = ..., device: _Optional[str] = ..., dtype: _Optional[_Union[DType, str]] = ..., report_x_every: _Optional[int] = ..., labels: _Optional[_Mapping[str, str]] = ...) -> None: ...
+    batch: BatchSpec
+    def __init__(self, objective: _Optional[_Union[Objective, _Mapping]] = ..., x0: _Optional[_Union[Tensor, _Mapping]] = ..., method: _Optional[str] = ..., bounds: _Optional[_Union[Bounds, _Mapping]] = ..., options: _Optional[_Union[_struct_pb2.Struct, _Mapping]] = ..., device: _Optional[str] = ..., dtype: _Optional[_Union[DType, str]] = ..., report_x_every: _Optional[int] = ..., labels: _Optional[_Mapping[str, str]] = ..., batch: _Optional[_Union[BatchSpec, _Mapping]] = ...) -> None: ...
+
+class BatchSpec(_message.Message):
+    __slots__ = ("size", "member_data", "chunk_size")
+    SIZE_FIELD_NUMBER: _ClassVar[int]
+    MEMBER_DATA_FIELD_NUMBER: _ClassVar[int]
+    CHUNK_SIZE_FIELD_NUMBER: _ClassVar[int]
+    size: int
+    member_data: _containers.RepeatedCompositeFieldContainer[NamedTensor]
+    chunk_size: int
+    def __init__(self, size: _Optional[int] = ..., member_data: _Optional[_Iterable[_Union[NamedTensor, _Mapping]]] = ..., chunk_size: _Optional[int] = ...) -> None: ...
 
 class Result(_message.Message):
-    __slots__ = ("x", "fun", "jac", "nit", "nfev", "njev", "nhev", "status", "success", "message", "solve_time_s", "wall_time_s")
+    __slots__ = ("x", "fun", "jac", "nit", "nfev", "njev", "nhev", "status", "success", "message", "solve_time_s", "wall_time_s", "batch")
     X_FIELD_NUMBER: _ClassVar[int]
     FUN_FIELD_NUMBER: _ClassVar[int]
     JAC_FIELD_NUMBER: _ClassVar[int]
@@ -145,6 +157,7 @@ class Result(_message.Message):
     MESSAGE_FIELD_NUMBER: _ClassVar[int]
     SOLVE_TIME_S_FIELD_NUMBER: _ClassVar[int]
     WALL_TIME_S_FIELD_NUMBER: _ClassVar[int]
+    BATCH_FIELD_NUMBER: _ClassVar[int]
     x: Tensor
     fun: float
     jac: Tensor
@@ -157,22 +170,43 @@ class Result(_message.Message):
     message: str
     solve_time_s: float
     wall_time_s: float
-    def __init__(self, x: _Optional[_Union[Tensor, _Mapping]] = ..., fun: _Optional[float] = ..., jac: _Optional[_Union[Tensor, _Mapping]] = ..., nit: _Optional[int] = ..., nfev: _Optional[int] = ..., njev: _Optional[int] = ..., nhev: _Optional[int] = ..., status: _Optional[_Union[SolveStatus, str]] = ..., success: _Optional[bool] = ..., message: _Optional[str] = ..., solve_time_s: _Optional[float] = ..., wall_time_s: _Optional[float] = ...) -> None: ...
+    batch: BatchResult
+    def __init__(self, x: _Optional[_Union[Tensor, _Mapping]] = ..., fun: _Optional[float] = ..., jac: _Optional[_Union[Tensor, _Mapping]] = ..., nit: _Optional[int] = ..., nfev: _Optional[int] = ..., njev: _Optional[int] = ..., nhev: _Optional[int] = ..., status: _Optional[_Union[SolveStatus, str]] = ..., success: _Optional[bool] = ..., message: _Optional[str] = ..., solve_time_s: _Optional[float] = ..., wall_time_s: _Optional[float] = ..., batch: _Optional[_Union[BatchResult, _Mapping]] = ...) -> None: ...
+
+class BatchResult(_message.Message):
+    __slots__ = ("fun", "status", "nit", "nfev", "njev", "nhev", "converged")
+    FUN_FIELD_NUMBER: _ClassVar[int]
+    STATUS_FIELD_NUMBER: _ClassVar[int]
+    NIT_FIELD_NUMBER: _ClassVar[int]
+    NFEV_FIELD_NUMBER: _ClassVar[int]
+    NJEV_FIELD_NUMBER: _ClassVar[int]
+    NHEV_FIELD_NUMBER: _ClassVar[int]
+    CONVERGED_FIELD_NUMBER: _ClassVar[int]
+    fun: Tensor
+    status: Tensor
+    nit: Tensor
+    nfev: Tensor
+    njev: Tensor
+    nhev: Tensor
+    converged: int
+    def __init__(self, fun: _Optional[_Union[Tensor, _Mapping]] = ..., status: _Optional[_Union[Tensor, _Mapping]] = ..., nit: _Optional[_Union[Tensor, _Mapping]] = ..., nfev: _Optional[_Union[Tensor, _Mapping]] = ..., njev: _Optional[_Union[Tensor, _Mapping]] = ..., nhev: _Optional[_Union[Tensor, _Mapping]] = ..., converged: _Optional[int] = ...) -> None: ...
 
 class Accepted(_message.Message):
-    __slots__ = ("state", "method", "n", "batch_id")
+    __slots__ = ("state", "method", "n", "batch_id", "members")
     STATE_FIELD_NUMBER: _ClassVar[int]
     METHOD_FIELD_NUMBER: _ClassVar[int]
     N_FIELD_NUMBER: _ClassVar[int]
     BATCH_ID_FIELD_NUMBER: _ClassVar[int]
+    MEMBERS_FIELD_NUMBER: _ClassVar[int]
     state: JobState
     method: str
     n: int
     batch_id: str
-    def __init__(self, state: _Optional[_Union[JobState, str]] = ..., method: _Optional[str] = ..., n: _Optional[int] = ..., batch_id: _Optional[str] = ...) -> None: ...
+    members: int
+    def __init__(self, state: _Optional[_Union[JobState, str]] = ..., method: _Optional[str] = ..., n: _Optional[int] = ..., batch_id: _Optional[str] = ..., members: _Optional[int] = ...) -> None: ...
 
 class Iterate(_message.Message):
-    __slots__ = ("iteration", "f", "grad_norm", "step_size", "nfev", "njev", "elapsed_s", "x")
+    __slots__ = ("iteration", "f", "grad_norm", "step_size", "nfev", "njev", "elapsed_s", "x", "batch")
     ITERATION_FIELD_NUMBER: _ClassVar[int]
     F_FIELD_NUMBER: _ClassVar[int]
     GRAD_NORM_FIELD_NUMBER: _ClassVar[int]
@@ -181,6 +215,7 @@ class Iterate(_message.Message):
     NJEV_FIELD_NUMBER: _ClassVar[int]
     ELAPSED_S_FIELD_NUMBER: _ClassVar[int]
     X_FIELD_NUMBER: _ClassVar[int]
+    BATCH_FIELD_NUMBER: _ClassVar[int]
     iteration: int
     f: float
     grad_norm: float
@@ -189,7 +224,28 @@ class Iterate(_message.Message):
     njev: int
     elapsed_s: float
     x: Tensor
-    def __init__(self, iteration: _Optional[int] = ..., f: _Optional[float] = ..., grad_norm: _Optional[float] = ..., step_size: _Optional[float] = ..., nfev: _Optional[int] = ..., njev: _Optional[int] = ..., elapsed_s: _Optional[float] = ..., x: _Optional[_Union[Tensor, _Mapping]] = ...) -> None: ...
+    batch: BatchProgress
+    def __init__(self, iteration: _Optional[int] = ..., f: _Optional[float] = ..., grad_norm: _Optional[float] = ..., step_size: _Optional[float] = ..., nfev: _Optional[int] = ..., njev: _Optional[int] = ..., elapsed_s: _Optional[float] = ..., x: _Optional[_Union[Tensor, _Mapping]] = ..., batch: _Optional[_Union[BatchProgress, _Mapping]] = ...) -> None: ...
+
+class BatchProgress(_message.Message):
+    __slots__ = ("size", "active", "converged", "failed", "best_grad_norm", "median_grad_norm", "best_f", "median_f")
+    SIZE_FIELD_NUMBER: _ClassVar[int]
+    ACTIVE_FIELD_NUMBER: _ClassVar[int]
+    CONVERGED_FIELD_NUMBER: _ClassVar[int]
+    FAILED_FIELD_NUMBER: _ClassVar[int]
+    BEST_GRAD_NORM_FIELD_NUMBER: _ClassVar[int]
+    MEDIAN_GRAD_NORM_FIELD_NUMBER: _ClassVar[int]
+    BEST_F_FIELD_NUMBER: _ClassVar[int]
+    MEDIAN_F_FIELD_NUMBER: _ClassVar[int]
+    size: int
+    active: int
+    converged: int
+    failed: int
+    best_grad_norm: float
+    median_grad_norm: float
+    best_f: float
+    median_f: float
+    def __init__(self, size: _Optional[int] = ..., active: _Optional[int] = ..., converged: _Optional[int] = ..., failed: _Optional[int] = ..., best_grad_norm: _Optional[float] = ..., median_grad_norm: _Optional[float] = ..., best_f: _Optional[float] = ..., median_f: _Optional[float] = ...) -> None: ...
 
 class Failure(_message.Message):
     __slots__ = ("code", "message")
