@@ -20,6 +20,14 @@ Watch replays the stored log of a job (from memory while it is live, from the st
 then follows it. Cancel asks the worker to stop (the solver checks before every evaluation)
 and, should the worker not answer within `cancel_grace_s`, ends the job itself with the last
 iterate it saw and replaces the worker process.
+
+A vectorized batch (Problem.batch) is one such job, Job.n its members' n: its members are split
+into contiguous chunks (service.batch_jobs plans them), each chunk leases its own worker and
+streams side by side with the others, and the gateway merges the chunks' progress into one
+iterate (counts and quantiles) and their results into one Result. Every chunk checkpoints on
+its own; the job's checkpoint is all of them in one blob, and a lost worker costs only its
+chunk a restart from that chunk's state. A cancel goes to every chunk's worker; each answers
+with its members' last iterates (CANCELLED where still running).
 """
 
 from __future__ import annotations
@@ -34,41 +42,27 @@ from collections.abc import AsyncIterator, Callable, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 
-import numpy as np
-
 from secant.v1 import optimizer_pb2 as pb
+from service import batch_jobs
 from service.auth import Caller, visible
+from service.batch_jobs import BatchRun, Chunk
 from service.errors import JobNotFound, LimitExceeded
 from service.metrics import Metrics
 from service.scheduler import Scheduler, WorkerLost
 from service.store import TERMINAL_STATES, JobPage, JobStore, NewJob
-from service.validation import Limits, SolveSpec, validate_problem
+from service.validation import SOLVE_STATUS as _STATUS
+from service.validation import (
+    BatchSolveSpec,
+    Limits,
+    SolveSpec,
+    encode_tensor,
+    validate_problem,
+)
+from workers.batch_runner import BatchProgressEvent, BatchResultEvent
 from workers.runner import CheckpointEvent, FailureEvent, IterateEvent, ResultEvent
 from workers.solvers import state_from_bytes
 
 log = logging.getLogger("secant.jobs")
-
-_STATUS = {
-    "CONVERGED": pb.CONVERGED,
-    "MAX_ITERATIONS": pb.MAX_ITERATIONS,
-    "MAX_EVALUATIONS": pb.MAX_EVALUATIONS,
-    "LINE_SEARCH_FAILED": pb.LINE_SEARCH_FAILED,
-    "NON_FINITE": pb.NON_FINITE,
-    "CANCELLED": pb.CANCELLED_BY_USER,
-    "TIME_LIMIT": pb.TIME_LIMIT,
-}
-_WIRE_FLOAT = {np.dtype("float64"): pb.FLOAT64, np.dtype("float32"): pb.FLOAT32}
-
-
-def encode_tensor(array: np.ndarray) -> pb.Tensor:
-    array = np.asarray(array)
-    if array.dtype not in _WIRE_FLOAT:
-        array = array.astype(np.float64)
-    return pb.Tensor(
-        shape=list(array.shape),
-        dtype=_WIRE_FLOAT[array.dtype],
-        data=array.astype(array.dtype.newbyteorder("<"), copy=False).tobytes(),
-    )
 
 
 def _now(timestamp) -> None:
@@ -79,6 +73,11 @@ def _copy(message):
     clone = type(message)()
     clone.CopyFrom(message)
     return clone
+
+
+def _dimensions(spec) -> int:
+    """What a job counts against max_dimension_per_caller: n, or B * n for a batch."""
+    return getattr(spec, "quota_dimensions", spec.n)
 
 
 @dataclass(eq=False)
@@ -100,9 +99,22 @@ class _LiveJob:
     checkpoint: bytes | None = None
     checkpoint_nit: int = 0
     restarts: int = 0
+    # Vectorized batch jobs: the chunks and their progress (service.batch_jobs).
+    batch: BatchRun | None = None
     # Watchers only ever see events already in the store (events[:flushed_seq]), so a
     # gateway that dies and comes back never shows them a sequence number twice.
     flushed_seq: int = 0
+
+
+class _ChunkFailed(Exception):
+    """A batch chunk's worker reported a failure (code, message for the caller)."""
+
+    def __init__(self, code: str, message: str) -> None:
+        super().__init__(code, message)
+        self.code, self.message = code, message
+
+
+BATCH_ITERATE_INTERVAL_S = 0.02
 
 
 class JobManager:
@@ -186,11 +198,24 @@ class JobManager:
                     break
         self._usage.setdefault(job.owner, [0, 0])
         self._usage[job.owner][0] += 1
-        self._usage[job.owner][1] += spec.n
+        self._usage[job.owner][1] += _dimensions(spec)
         self._live[job.job_id] = live
         job.state = pb.QUEUED
-        if checkpoint:
+        if isinstance(spec, BatchSolveSpec):
+            try:
+                live.batch = batch_jobs.new_run(spec, self._limits, self._scheduler.size,
+                                                checkpoint)
+            except ValueError:  # unreadable: the members start again from x0
+                live.batch = batch_jobs.new_run(spec, self._limits, self._scheduler.size)
+            if not any(chunk.checkpoint for chunk in live.batch.chunks):
+                live.checkpoint = checkpoint = None
+            if checkpoint:
+                live.checkpoint_nit = batch_jobs.checkpoint_iteration(live.batch)
+        elif checkpoint:
             live.checkpoint_nit = state_from_bytes(checkpoint).nit
+        if live.batch is not None and checkpoint:
+            reason = f"the gateway restarted; {batch_jobs.resume_summary(live.batch)}"
+        elif checkpoint:
             reason = f"the gateway restarted; resuming from iteration {live.checkpoint_nit}"
         else:
             reason = "the gateway restarted; starting again from x0"
@@ -259,7 +284,7 @@ class JobManager:
     def _reserve_quota(self, owner: str, items) -> tuple[int, int]:
         """Counts `items` against the owner's quotas, or raises LimitExceeded naming the
         quota and the numbers. Returns what was reserved, for `_release_quota`."""
-        jobs, dims = len(items), sum(spec.n for spec, _ in items)
+        jobs, dims = len(items), sum(_dimensions(spec) for spec, _ in items)
         used = self._usage.setdefault(owner, [0, 0])
         who = f"caller {owner!r}" if owner else "this (unauthenticated) caller"
         limits = self._limits
@@ -272,8 +297,8 @@ class JobManager:
         if used[1] + dims > limits.max_dimension_per_caller:
             raise LimitExceeded(
                 f"quota max_dimension_per_caller: {who} has {used[1]} dimensions in queued or"
-                f" running jobs and asked for {dims} more; the quota is"
-                f" {limits.max_dimension_per_caller} (--max-dimension-per-caller)"
+                f" running jobs and asked for {dims} more (a batch counts members x n); the"
+                f" quota is {limits.max_dimension_per_caller} (--max-dimension-per-caller)"
             )
         used[0] += jobs
         used[1] += dims
@@ -313,7 +338,7 @@ class JobManager:
             idempotency_key = f"{owner}/{idempotency_key}"
         self._reserve_quota(owner, items)
         # Released per job when it ends (_finish); the rest (idempotent retries, errors) below.
-        unreleased = {index: spec.n for index, (spec, _) in enumerate(items)}
+        unreleased = {index: _dimensions(spec) for index, (spec, _) in enumerate(items)}
         self._reserved += len(items)
         try:
             new_jobs, lives = [], []
@@ -334,7 +359,8 @@ class JobManager:
                     job_id=job.job_id,
                     seq=1,
                     accepted=pb.Accepted(
-                        state=pb.QUEUED, method=spec.method, n=spec.n, batch_id=batch_id
+                        state=pb.QUEUED, method=spec.method, n=spec.n, batch_id=batch_id,
+                        members=getattr(spec, "members", 0),
                     ),
                 )
                 accepted.time.CopyFrom(job.created)
@@ -342,7 +368,10 @@ class JobManager:
                     NewJob(job, problem.SerializeToString(), idempotency_key, [accepted])
                 )
                 # The accepted event is stored with the job (seq 1).
-                lives.append(_LiveJob(job, spec, time.monotonic(), [accepted], flushed_seq=1))
+                live = _LiveJob(job, spec, time.monotonic(), [accepted], flushed_seq=1)
+                if isinstance(spec, BatchSolveSpec):
+                    live.batch = batch_jobs.new_run(spec, self._limits, self._scheduler.size)
+                lives.append(live)
             stored = await self._in_db(self._store.create_jobs, new_jobs)
         except BaseException:
             self._release_quota(owner, len(unreleased), sum(unreleased.values()))
@@ -380,7 +409,9 @@ class JobManager:
                     await self._run_once(live)
                     break
                 except WorkerLost as lost:
-                    if live.cancel_requested or live.restarts >= self._max_worker_restarts:
+                    # A batch's chunks restart themselves; one that gives up ends the job.
+                    if (live.batch is not None or live.cancel_requested
+                            or live.restarts >= self._max_worker_restarts):
                         raise
                     live.restarts += 1
                     nit = live.checkpoint_nit
@@ -419,6 +450,9 @@ class JobManager:
 
     async def _run_once(self, live: _LiveJob) -> None:
         """One attempt on one worker; WorkerLost when that worker dies under it."""
+        if live.batch is not None:
+            await self._run_batch(live)
+            return
         job_id = live.job.job_id
         async with self._scheduler.lease(live.spec.device) as worker:
             live.worker = worker
@@ -440,6 +474,171 @@ class JobManager:
                         break
             finally:
                 live.worker = None
+
+    # -- batch jobs: chunks side by side (service.batch_jobs has the merging) ---------------
+
+    async def _run_batch(self, live: _LiveJob) -> None:
+        """Every unfinished chunk on a worker of its own, side by side; then one result.
+
+        A chunk that fails (or gives up on its worker) stops the others; they are asked to
+        stop and given cancel_grace_s before their tasks are cancelled (and the workers
+        replaced)."""
+        run = live.batch
+        run.scheduled = True
+        chunks = [chunk for chunk in run.chunks if chunk.result is None]
+        tasks = []
+        for chunk in chunks:
+            chunk.task = asyncio.create_task(
+                self._run_chunk(live, chunk), name=f"job-{live.job.job_id}-{chunk.start}"
+            )
+            tasks.append(chunk.task)
+        try:
+            _, pending = await asyncio.wait(tasks, return_when=asyncio.FIRST_EXCEPTION)
+            if pending:
+                await self._stop_chunks(live, pending)
+        except asyncio.CancelledError:  # the job's own task: shutdown or an unheeded cancel
+            for task in tasks:
+                task.cancel()
+            await asyncio.gather(*tasks, return_exceptions=True)
+            raise
+        finally:
+            for chunk in chunks:
+                chunk.task = None
+        errors = []
+        for chunk, task in zip(chunks, tasks, strict=True):
+            if task.cancelled():
+                if chunk.result is None and live.cancel_requested:
+                    chunk.result = batch_jobs.unstarted_result(live.spec, chunk)
+            elif task.exception() is not None:
+                errors.append(task.exception())
+        failures = [e for e in errors if isinstance(e, _ChunkFailed)]
+        if failures:  # the first cause; what the stopped chunks raised after it is noise
+            await self._finish_failed(live, failures[0].code, failures[0].message)
+            return
+        if errors:
+            raise errors[0]  # WorkerLost after its restarts, or a gateway error: _run decides
+        if any(chunk.result is None for chunk in run.chunks):
+            await self._finish_failed(live, "INTERNAL",
+                                      "the batch's workers ended without a result")
+            return
+        self._emit_batch_iterate(live, force=True)
+        result = batch_jobs.batch_result(run)
+        await self._finish(live, batch_jobs.final_state(result, live.cancel_requested),
+                           result=result)
+
+    async def _stop_chunks(self, live: _LiveJob, tasks) -> None:
+        run = live.batch
+        run.stopping = True
+        for chunk in run.chunks:
+            if chunk.task not in tasks:
+                continue
+            if chunk.worker is not None:
+                with contextlib.suppress(Exception):
+                    await self._scheduler.cancel(chunk.worker, run.run_id(live.job.job_id, chunk))
+            else:
+                chunk.task.cancel()
+        _, late = await asyncio.wait(tasks, timeout=self._cancel_grace_s)
+        for task in late:
+            task.cancel()
+        if late:
+            await asyncio.wait(late)
+
+    async def _run_chunk(self, live: _LiveJob, chunk: Chunk) -> None:
+        """One chunk to its result; a lost worker reschedules it from its own checkpoint."""
+        while True:
+            try:
+                await self._run_chunk_once(live, chunk)
+                return
+            except WorkerLost as lost:
+                if live.cancel_requested:  # no worker left to answer: its last checkpoint
+                    chunk.result = batch_jobs.unstarted_result(live.spec, chunk)
+                    return
+                if live.restarts >= self._max_worker_restarts or live.batch.stopping:
+                    raise
+                live.restarts += 1
+                members = f"members [{chunk.start}, {chunk.stop})"
+                log.warning("worker lost; rescheduling a batch chunk", extra={
+                    "job_id": live.job.job_id, "restart": live.restarts, "reason": str(lost),
+                    "chunk_start": chunk.start, "chunk_stop": chunk.stop})
+                reason = (f"{lost}; {members} resume from iteration {chunk.checkpoint_nit}"
+                          if chunk.checkpoint else f"{lost}; {members} start again from x0")
+                # The job is still running while other chunks are; alone, it waits again.
+                others = any(c.worker is not None for c in live.batch.chunks if c is not chunk)
+                state = pb.RUNNING if others else pb.QUEUED
+                live.job.state = state
+                self._emit(live, state_change=pb.StateChange(state=state, reason=reason))
+
+    async def _run_chunk_once(self, live: _LiveJob, chunk: Chunk) -> None:
+        job_id, run = live.job.job_id, live.batch
+        failure = None
+        async with self._scheduler.lease(live.spec.device) as worker:
+            chunk.worker = worker
+            try:
+                if live.job.state != pb.RUNNING:
+                    self.set_state(live, pb.RUNNING)
+                    log.info("job running", extra={"job_id": job_id, "chunks": len(run.chunks)})
+                run_spec = live.spec.run_spec(
+                    run.run_id(job_id, chunk), chunk.start, chunk.stop,
+                    checkpoint=chunk.checkpoint,
+                    checkpoint_interval_s=self._checkpoint_interval_s,
+                )
+                async for batch in self._scheduler.stream(worker, run_spec):
+                    for event in batch:
+                        failure = failure or self._on_chunk_event(live, chunk, event)
+            finally:
+                chunk.worker = None
+        if failure is not None:
+            raise _ChunkFailed(*failure)
+        if chunk.result is None:
+            raise _ChunkFailed("INTERNAL", "a worker ended its part of the batch without a result")
+
+    def _on_chunk_event(self, live: _LiveJob, chunk: Chunk, event) -> tuple[str, str] | None:
+        """Takes in one event of a chunk's worker; returns (code, message) of a failure."""
+        run = live.batch
+        if isinstance(event, CheckpointEvent):
+            chunk.checkpoint, chunk.checkpoint_nit = event.state, event.nit
+            live.checkpoint = batch_jobs.pack_checkpoint(run)
+            live.checkpoint_nit = batch_jobs.checkpoint_iteration(run)
+            self._pending_checkpoints[live.job.job_id] = live.checkpoint
+        elif isinstance(event, BatchProgressEvent):
+            chunk.progress = event
+            self._emit_batch_iterate(live)
+        elif isinstance(event, BatchResultEvent):
+            chunk.result = event
+            self._emit_batch_iterate(live, force=True)
+        elif isinstance(event, FailureEvent):
+            log.warning("batch chunk failed", extra={
+                "job_id": live.job.job_id, "chunk_start": chunk.start, "code": event.code})
+            return event.code, event.message
+        return None
+
+    def _emit_batch_iterate(self, live: _LiveJob, *, force: bool = False) -> None:
+        """The chunks' progress merged into one iterate, at most one per
+        BATCH_ITERATE_INTERVAL_S (every chunk reports up to 50 a second) unless forced."""
+        run = live.batch
+        now = time.monotonic()
+        if not force and now - run.emitted_at < BATCH_ITERATE_INTERVAL_S:
+            if not run.held:  # sent when the interval is over, should no event come first
+                run.held = True
+                asyncio.get_running_loop().call_later(
+                    BATCH_ITERATE_INTERVAL_S, self._emit_held_iterate, live
+                )
+            return
+        run.held = False
+        iterate = batch_jobs.merged_iterate(run)
+        last = live.last_iterate
+        if last is not None and (
+            iterate.iteration < last.iteration  # a resumed chunk replays what was reported
+            or (iterate.iteration == last.iteration and iterate.batch == last.batch)
+        ):
+            return
+        run.emitted_at = now
+        live.last_iterate = iterate
+        self._emit(live, iterate=iterate)
+
+    def _emit_held_iterate(self, live: _LiveJob) -> None:
+        if live.batch.held and live.job.state not in TERMINAL_STATES:
+            self._emit_batch_iterate(live, force=True)
 
     async def _on_worker_event(self, live: _LiveJob, event) -> None:
         if isinstance(event, CheckpointEvent):
@@ -522,7 +721,7 @@ class JobManager:
         # The quota is free the moment the job's record says it ended (GetJob shows that
         # before the flush below completes).
         if job.job_id in self._live:
-            self._release_quota(job.owner, 1, live.spec.n)
+            self._release_quota(job.owner, 1, _dimensions(live.spec))
         # Durable before anyone hears of it: a client that saw the end can read it back.
         await self._flush()
         for queue in live.watchers:
@@ -542,7 +741,14 @@ class JobManager:
             m.evaluations.labels(method, "f").inc(r.nfev)
             m.evaluations.labels(method, "grad").inc(r.njev)
             m.evaluations.labels(method, "hess").inc(r.nhev)
+        if live.batch is not None:
+            m.batch_size.labels(method).observe(live.spec.members)
+            if job.HasField("result"):
+                for status, count in batch_jobs.member_counts(job.result).items():
+                    m.batch_members.labels(method, status).inc(count)
         extra = {"job_id": job.job_id, "state": state, "wall_s": round(wall, 6)}
+        if live.batch is not None:
+            extra.update(members=live.spec.members, chunks=len(live.batch.chunks))
         if job.HasField("result"):
             extra.update(nit=job.result.nit, status=pb.SolveStatus.Name(job.result.status))
         if job.HasField("failure"):
@@ -555,6 +761,15 @@ class JobManager:
     async def _finish_cancelled(self, live: _LiveJob) -> None:
         """Ends a job the worker did not end itself: before it started, or a worker that did
         not stop in time (then the result is the last iterate the gateway saw)."""
+        if live.batch is not None and live.job.HasField("started"):
+            # A batch's iterate is counts, not a point: there is no result to make of it.
+            running = [f"[{c.start}, {c.stop})" for c in live.batch.chunks if c.result is None]
+            await self._finish(live, pb.CANCELLED, state_change=pb.StateChange(
+                state=pb.CANCELLED,
+                reason=f"cancelled; the workers running members {', '.join(running)} did not"
+                f" stop within {self._cancel_grace_s:g} s, so there is no per-member result",
+            ))
+            return
         if live.last_iterate is None:
             await self._finish(
                 live,
@@ -684,6 +899,8 @@ class JobManager:
             if live.job.kind in ("callback", "train"):
                 if live.on_cancel is not None:
                     live.on_cancel()  # the driver stops before its next evaluation
+            elif live.batch is not None:
+                await self._cancel_batch(live)
             elif live.worker is None:
                 live.task.cancel()  # still waiting for a worker
             else:
@@ -692,6 +909,27 @@ class JobManager:
                 self._background.add(enforcer)  # the loop keeps only weak references
                 enforcer.add_done_callback(self._background.discard)
         return _copy(live.job)
+
+    async def _cancel_batch(self, live: _LiveJob) -> None:
+        """Every chunk's worker is asked to stop (each answers with its members' last
+        iterates); chunks still waiting for a worker end at once."""
+        run = live.batch
+        if not run.scheduled:
+            live.task.cancel()  # no chunk was scheduled yet
+            return
+        # Chunks whose task is gone have their result: the job is assembling it now.
+        started = [chunk for chunk in run.chunks if chunk.task is not None]
+        asked = False
+        for chunk in started:
+            if chunk.worker is not None:
+                await self._scheduler.cancel(chunk.worker, run.run_id(live.job.job_id, chunk))
+                asked = True
+            else:
+                chunk.task.cancel()
+        if asked:
+            enforcer = asyncio.create_task(self._enforce_cancel(live))
+            self._background.add(enforcer)
+            enforcer.add_done_callback(self._background.discard)
 
     async def _enforce_cancel(self, live: _LiveJob) -> None:
         await asyncio.sleep(self._cancel_grace_s)

@@ -11,6 +11,7 @@ from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, star
 
 _LATENCY_BUCKETS = (0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 60)
 _ITERATION_BUCKETS = (1, 2, 5, 10, 20, 50, 100, 200, 500, 1000, 5000, 20000)
+_BATCH_SIZE_BUCKETS = (1, 10, 100, 1_000, 10_000, 100_000, 1_000_000)
 
 
 class Metrics:
@@ -51,6 +52,15 @@ class Metrics:
         self.evaluations = Counter(
             "secant_evaluations", "Objective evaluations, by method and kind (f, grad, hess)",
             ["method", "kind"], registry=r,
+        )
+        self.batch_members = Counter(
+            "secant_batch_members", "Members of finished batch jobs, by method and final"
+            " member status (converged, non_finite, max_iterations, cancelled_by_user, ...)",
+            ["method", "status"], registry=r,
+        )
+        self.batch_size = Histogram(
+            "secant_batch_size", "Members per finished batch job", ["method"],
+            buckets=_BATCH_SIZE_BUCKETS, registry=r,
         )
         self.queue_depth = Gauge(
             "secant_queue_depth", "Jobs waiting for a worker", registry=r

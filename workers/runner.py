@@ -312,19 +312,24 @@ class SolverWorker:
         with self._stops_lock:
             self._stops.setdefault(job_id, threading.Event()).set()
 
-    def run(self, spec: RunSpec) -> Iterator[list[WorkerEvent]]:
+    def run(self, spec) -> Iterator[list[WorkerEvent]]:
         """Streams the job's events in batches, at most one batch per `BATCH_INTERVAL_S`.
 
         Why batch: every yield is a Ray object whose bookkeeping costs about as much as a
         small solve's iteration; watchers see progress at most 20 ms late instead. The solve
-        runs on this (the actor call's) thread; `cancel` arrives on another.
+        runs on this (the actor call's) thread; `cancel` arrives on another. `spec` is a
+        RunSpec, or a workers.batch_runner.BatchRunSpec for a vectorized batch (or a chunk).
         """
+        # Imported here: workers.batch_runner imports this module's event types.
+        from workers.batch_runner import BatchRunSpec, iter_batch_solve
+
         with self._stops_lock:
             stop = self._stops.setdefault(spec.job_id, threading.Event())
+        solve = iter_batch_solve if isinstance(spec, BatchRunSpec) else iter_solve
         try:
-            batch: list[WorkerEvent] = []
+            batch: list = []
             deadline = time.monotonic() + BATCH_INTERVAL_S
-            for event in iter_solve(spec, stop.is_set):
+            for event in solve(spec, stop.is_set):
                 batch.append(event)
                 if len(batch) >= MAX_BATCH_EVENTS or time.monotonic() >= deadline:
                     yield batch
