@@ -259,3 +259,23 @@ class _Throttle:
             held, self._held = self._held, None
             self._last = time.monotonic()
             self._put(_progress_event(held))
+
+
+WARM_UP_BATCH = BatchRunSpec(
+    job_id="warm-up-batch",
+    kind="expression",
+    source="sum(100 * (x[1:] - x[:-1]**2)**2 + (1 - x[:-1])**2)",
+    data=(),
+    member_data=(),
+    x0=np.array([[-1.2, 1.0], [0.5, 0.5]]),
+    lower=None,
+    upper=None,
+    method="bfgs",
+)
+
+
+def warm_up_batch() -> None:
+    """Solves a two-member batch so a worker's first batch job pays no first-call costs."""
+    events = list(iter_batch_solve(WARM_UP_BATCH))
+    if not events or not isinstance(events[-1], BatchResultEvent):
+        raise RuntimeError(f"batch warm-up did not produce a result: {events[-1:]}")

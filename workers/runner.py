@@ -298,6 +298,11 @@ class SolverWorker:
         run_solve(WARM_UP_SPEC, events.append)
         if not events or not isinstance(events[-1], ResultEvent):
             raise RuntimeError(f"warm-up solve did not produce a result: {events[-1:]}")
+        # A batch objective's first build imports torch's compile machinery (vmap's meta run,
+        # seconds); the first batch job must not pay it.
+        from workers.batch_runner import warm_up_batch
+
+        warm_up_batch()
         return time.perf_counter() - started
 
     def ping(self) -> bool:
