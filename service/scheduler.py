@@ -21,6 +21,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import json
 import logging
 import os
 import shutil
@@ -50,10 +51,21 @@ def free_port() -> int:
         return sock.getsockname()[1]
 
 
-def _wait_for_port(port: int, deadline: float, process: subprocess.Popen) -> None:
+def _tail(path: Path | None, limit: int = 4000) -> str:
+    if path is None:
+        return ""
+    try:
+        return path.read_bytes()[-limit:].decode(errors="replace").strip()
+    except OSError:
+        return ""
+
+
+def _wait_for_port(port: int, deadline: float, process: subprocess.Popen,
+                   output: Path | None = None) -> None:
     while time.monotonic() < deadline:
         if process.poll() is not None:
-            raise RuntimeError(f"ray start exited with code {process.returncode}")
+            raise RuntimeError(f"ray start exited with code {process.returncode}:\n"
+                               f"{_tail(output)}")
         with socket.socket() as sock:
             if sock.connect_ex((_LOOPBACK, port)) == 0:
                 return
@@ -72,6 +84,26 @@ def _stop_when_parent_dies() -> None:
         pass
 
 
+def _group_alive(pgid: int) -> bool:
+    try:
+        os.killpg(pgid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True
+    return True
+
+
+def _group_is_ray_head(pgid: int, temp_dir: str) -> bool:
+    """Only a group whose leader still runs `ray start` on the recorded temp dir is ours to
+    end (a pid the system has since given to something else is left alone)."""
+    try:
+        command = Path(f"/proc/{pgid}/cmdline").read_bytes().split(b"\0")
+    except OSError:
+        return True  # the leader is gone but members remain: they are the head's stragglers
+    return f"--temp-dir={temp_dir}".encode() in command
+
+
 class RayCluster:
     """The gateway's Ray: an embedded loopback-only head (default) or an existing cluster.
 
@@ -85,15 +117,22 @@ class RayCluster:
         num_cpus: int | None = None,
         num_gpus: int | None = None,
         startup_timeout_s: float = 60.0,
+        owner_file: Path | None = None,
+        start_attempts: int = 4,
     ) -> None:
         self.requested_address = address
         self.num_cpus = num_cpus
         self.num_gpus = num_gpus
         self.startup_timeout_s = startup_timeout_s
+        # Where this gateway records its head (pid and temp dir), so that the next gateway on
+        # the same store can end what a killed one left behind before starting its own.
+        self.owner_file = owner_file
+        self.start_attempts = max(1, start_attempts)
         self.address: str | None = address
         self._head: subprocess.Popen | None = None
         self._head_port: int | None = None
         self._temp_dir: str | None = None
+        self._head_log: Path | None = None
         self._initialized_ray = False
 
     @property
@@ -108,20 +147,79 @@ class RayCluster:
 
     def connect(self) -> None:
         """Blocking (seconds): waits for the head and joins it; run it off the event loop."""
-        if self._head is not None and self._head_port is not None:
-            _wait_for_port(
-                self._head_port, time.monotonic() + self.startup_timeout_s, self._head
-            )
+        self.wait_until_up()
         if ray.is_initialized():
             # Another gateway in this process (tests) already joined: share its connection.
             return
         ray.init(address=self.address, logging_level=logging.WARNING, log_to_driver=False)
         self._initialized_ray = True
 
+    def wait_until_up(self) -> None:
+        """Waits for an embedded head to open its port. A head that exits while starting is
+        started again with fresh ports (after a short, growing pause) up to `start_attempts`
+        times, each failure logged with Ray's own output; then RuntimeError with the last.
+        Retries fork from the calling thread (a thread of the loop's executor, which lives as
+        long as the gateway), so the head's parent-death signal still follows the gateway."""
+        attempt = 1
+        while self._head is not None and self._head_port is not None:
+            try:
+                _wait_for_port(
+                    self._head_port, time.monotonic() + self.startup_timeout_s, self._head,
+                    self._head_log,
+                )
+                break
+            except RuntimeError as exc:
+                log.warning("the embedded Ray head did not start (attempt %d of %d): %s",
+                            attempt, self.start_attempts, exc)
+                self._end_head()
+                if attempt >= self.start_attempts:
+                    raise RuntimeError(
+                        f"the embedded Ray head failed to start {attempt} times; last: {exc}"
+                    ) from None
+                time.sleep(0.5 * 2 ** (attempt - 1))
+                attempt += 1
+                self._launch_head()
+
     def start(self) -> None:
         """launch() then connect(), blocking."""
         self.launch()
         self.connect()
+
+    def _end_leftovers(self) -> None:
+        """Ends the embedded head a previous gateway on this store recorded and did not stop
+        (it was killed): its processes may still hold ports and CPU while they exit."""
+        if self.owner_file is None:
+            return
+        try:
+            record = json.loads(self.owner_file.read_text())
+            pgid, temp_dir = int(record["pgid"]), str(record["temp_dir"])
+        except (OSError, ValueError, KeyError, TypeError):
+            return
+        if _group_alive(pgid) and _group_is_ray_head(pgid, temp_dir):
+            log.warning("ending the Ray head a previous gateway left behind (group %d)", pgid)
+            with contextlib.suppress(ProcessLookupError, PermissionError):
+                os.killpg(pgid, signal.SIGTERM)
+            deadline = time.monotonic() + 5.0
+            while _group_alive(pgid) and time.monotonic() < deadline:
+                time.sleep(0.05)
+            with contextlib.suppress(ProcessLookupError, PermissionError):
+                os.killpg(pgid, signal.SIGKILL)
+            deadline = time.monotonic() + 5.0
+            while _group_alive(pgid) and time.monotonic() < deadline:
+                time.sleep(0.05)
+        if temp_dir.startswith(tempfile.gettempdir()) and Path(temp_dir).name.startswith(
+                "secant-ray-"):
+            shutil.rmtree(temp_dir, ignore_errors=True)
+        with contextlib.suppress(OSError):
+            self.owner_file.unlink()
+
+    def _record_owner(self) -> None:
+        if self.owner_file is None or self._head is None:
+            return
+        with contextlib.suppress(OSError):
+            self.owner_file.write_text(json.dumps(
+                {"pgid": self._head.pid, "temp_dir": self._temp_dir, "gateway_pid": os.getpid()}
+            ))
 
     def _launch_head(self) -> None:
         # Ray's temp dir holds unix sockets whose paths must stay short (108 bytes).
@@ -130,9 +228,27 @@ class RayCluster:
                 "an embedded Ray needs service.ray_env.prepare_loopback_ray_env() to run before"
                 " ray is imported (secant serve does this)"
             )
+        self._end_leftovers()
         self._temp_dir = tempfile.mkdtemp(prefix="secant-ray-", dir="/tmp")
         env = dict(os.environ)  # the head and its workers share our token and loopback setting
         gcs_port = free_port()
+        command = self._head_command(gcs_port)
+        log.info("starting an embedded Ray head on %s:%d", _LOOPBACK, gcs_port)
+        self._head_log = Path(self._temp_dir) / "ray-start.log"
+        with self._head_log.open("wb") as output:  # kept: a failed start says why
+            self._head = subprocess.Popen(
+                command,
+                env=env,
+                stdout=output,
+                stderr=subprocess.STDOUT,
+                start_new_session=True,  # its own process group: stop() ends all of it, only it
+                preexec_fn=_stop_when_parent_dies,
+            )
+        self._head_port = gcs_port
+        self.address = f"{_LOOPBACK}:{gcs_port}"
+        self._record_owner()
+
+    def _head_command(self, gcs_port: int) -> list[str]:
         command = [
             str(Path(sys.executable).with_name("ray")),
             "start",
@@ -154,17 +270,7 @@ class RayCluster:
             command.append(f"--num-cpus={self.num_cpus}")
         if self.num_gpus is not None:
             command.append(f"--num-gpus={self.num_gpus}")
-        log.info("starting an embedded Ray head on %s:%d", _LOOPBACK, gcs_port)
-        self._head = subprocess.Popen(
-            command,
-            env=env,
-            stdout=subprocess.DEVNULL,
-            stderr=subprocess.DEVNULL,
-            start_new_session=True,  # its own process group: stop() ends all of it, only it
-            preexec_fn=_stop_when_parent_dies,
-        )
-        self._head_port = gcs_port
-        self.address = f"{_LOOPBACK}:{gcs_port}"
+        return command
 
     def stop(self) -> None:
         """Blocking. Disconnects if we connected, and ends the embedded head if we started it."""
@@ -172,6 +278,12 @@ class RayCluster:
             with contextlib.suppress(Exception):
                 ray.shutdown()
             self._initialized_ray = False
+        self._end_head()
+        with contextlib.suppress(OSError):
+            if self.owner_file is not None:
+                self.owner_file.unlink()
+
+    def _end_head(self) -> None:
         if self._head is not None:
             head, self._head = self._head, None
             # `ray start --block` stops the processes it started when it gets SIGTERM.

@@ -204,3 +204,54 @@ def test_idempotent_submit_returns_the_same_job(gateway):
     assert first.job_id == second.job_id
 
 
+
+
+def _kill_group_and_restart(gateway: subprocess.Popen, db: Path, port: int,
+                            log: Path) -> subprocess.Popen:
+    """SIGKILL of the gateway's whole process group (an OOM kill or a lost node), then a new
+    gateway on the same store at once: its old Ray head may still be exiting."""
+    os.killpg(gateway.pid, signal.SIGKILL)
+    gateway.wait(30)
+    return _start_gateway(db, port, log)
+
+
+def test_a_gateway_killed_with_its_group_comes_up_again_every_time(tmp_path):
+    rounds = int(os.environ.get("SECANT_RESTART_ROUNDS", "3"))
+    db, log, port = tmp_path / "secant.db", tmp_path / "gateway.log", _free_port()
+    address = f"127.0.0.1:{port}"
+    n = 200
+    submitted: list[tuple[str, float]] = []
+    gateway = _start_gateway(db, port, log)
+    deadline = time.monotonic() + 60.0 * rounds + 120
+    try:
+        for round_ in range(rounds):
+            assert time.monotonic() < deadline, f"only {round_} restarts within the time bound"
+            with secant.Client(address) as client:
+                for k in range(3):
+                    scale = 1.0 + 0.01 * (3 * round_ + k)
+                    job = client.submit(CHAINED_ROSENBROCK, _x0(n, scale), method="l-bfgs",
+                                        options={"gtol": 1e-8, "max_iter": 20000})
+                    submitted.append((job.id, scale))
+                # Kill while the newest job is under way (its first iterates are stored).
+                watch_deadline = time.monotonic() + 30
+                for event in client.watch(submitted[-1][0]):
+                    if event.HasField("iterate") or time.monotonic() > watch_deadline:
+                        break
+            gateway = _kill_group_and_restart(gateway, db, port, log)
+        with secant.Client(address) as client:
+            results = {job_id: client.get_job(job_id).result(timeout=240)
+                       for job_id, _ in submitted}
+            seqs = {job_id: [event.seq for event in client.watch(job_id)]
+                    for job_id, _ in submitted}
+            listed = sorted(job.id for job in client.jobs())
+    finally:
+        _stop(gateway)
+    assert listed == sorted(job_id for job_id, _ in submitted)  # none lost or doubled
+    for job_id, scale in submitted:
+        expected = _reference(n, scale)
+        result = results[job_id]
+        assert result.success, result.message
+        assert result.nit == expected.nit
+        np.testing.assert_allclose(result.x, expected.x.numpy(), rtol=1e-10, atol=1e-12)
+        assert seqs[job_id] == list(range(1, len(seqs[job_id]) + 1))
+    assert "failed to start" not in log.read_text()
