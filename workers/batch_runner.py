@@ -205,6 +205,7 @@ def iter_batch_solve(
         try:
             kwargs = dict(
                 options=spec.options, should_stop=stop, callback=throttle.offer,
+                progress_interval_s=PROGRESS_INTERVAL_S,
                 initial_state=initial_state, on_checkpoint=on_checkpoint,
                 checkpoint_interval_s=spec.checkpoint_interval_s,
             )

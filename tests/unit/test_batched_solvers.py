@@ -12,6 +12,7 @@ from workers.solvers import Status, least_squares, minimize
 from workers.solvers.batched import (
     RUNNING,
     BatchSolve,
+    BatchState,
     batch_state_from_bytes,
     batch_state_to_bytes,
     check_batch_problem,
@@ -263,3 +264,43 @@ def test_bad_problems_are_value_errors_naming_the_field():
         check_batch_problem("bfgs", X0, (torch.zeros(2), torch.ones(2)))
     with pytest.raises(ValueError, match="unknown option"):
         check_batch_problem("bfgs", X0, None, {"nope": 1})
+
+
+@pytest.mark.parametrize("method", ["bfgs", "l-bfgs", "gauss-newton"])
+def test_the_gpu_path_syncs_once_per_engine_step(monkeypatch, method):
+    """sync_free (the CUDA default) reads one number back per engine step, and one more per
+    compaction; run here on the CPU, it gives the same members as the gathering CPU path."""
+    X0 = starts(300, seed=13)
+    least = method == "gauss-newton"
+    fun = rosenbrock_residual if least else rosenbrock
+    gathered = BatchSolve(fun, X0, method=method, residual=least, sync_free=False).run()
+    solve = BatchSolve(fun, X0, method=method, residual=least, sync_free=True)
+    syncs = {"n": 0}
+    compactions = {"n": 0}
+
+    def counting(name):
+        original = getattr(torch.Tensor, name)
+
+        def wrapper(self, *args, **kwargs):
+            syncs["n"] += 1
+            return original(self, *args, **kwargs)
+
+        monkeypatch.setattr(torch.Tensor, name, wrapper)
+
+    for name in ("__bool__", "__int__", "__float__", "item", "tolist", "nonzero"):
+        counting(name)
+    keep_rows = BatchState.keep_rows
+
+    def counted_keep_rows(self, rows):
+        compactions["n"] += 1
+        return keep_rows(self, rows)
+
+    monkeypatch.setattr(BatchState, "keep_rows", counted_keep_rows)
+    steps = {"n": 0}
+    solve.on_checkpoint = lambda state: steps.__setitem__("n", state.iteration + 1)
+    solve.checkpoint_interval_s = 1e-12
+    result = solve.run()
+    monkeypatch.undo()
+    assert syncs["n"] <= steps["n"] + 2 + 2 * compactions["n"], (syncs, steps, compactions)
+    for name in ("x", "status", "nit", "nfev"):
+        torch.testing.assert_close(getattr(result, name), getattr(gathered, name), rtol=0, atol=0)

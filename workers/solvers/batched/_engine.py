@@ -5,11 +5,9 @@ solvers (workers/solvers/_driver.py): the same tests in the same order, member b
 
 from __future__ import annotations
 
-import dataclasses
 import math
 import time
 from collections.abc import Callable
-from dataclasses import dataclass
 
 import torch
 from torch import Tensor
@@ -28,6 +26,7 @@ from ._methods import (
 )
 from ._result import BatchProgress, BatchResult
 from ._state import RUNNING, BatchState
+from ._stepping import LineSearchStepper, stop_searches
 
 BatchFun = Callable[[Tensor, Tensor], Tensor]  # (X (k, n), member ids (k,)) -> (k,) or (k, m)
 
@@ -77,19 +76,6 @@ def check_batch_problem(method: str, X0: Tensor, bounds=None, options: dict | No
     return info, parsed, (lower, upper) if lower is not None else None
 
 
-@dataclass
-class _Trial:
-    """The line search outcome per row: success and the accepted (last) trial."""
-
-    ok: Tensor
-    saw_nonfinite: Tensor
-    alpha: Tensor
-    x: Tensor
-    f: Tensor
-    g: Tensor
-    derphi: Tensor
-
-
 class BatchSolve:
     """A batched solve. `run()` advances every member to its end and returns a BatchResult.
 
@@ -104,7 +90,8 @@ class BatchSolve:
                  callback: Callable[[BatchProgress], bool | None] | None = None,
                  initial_state: BatchState | None = None,
                  on_checkpoint: Callable[[BatchState], None] | None = None,
-                 checkpoint_interval_s: float = 0.0) -> None:
+                 checkpoint_interval_s: float = 0.0, progress_interval_s: float = 0.0,
+                 sync_free: bool | None = None) -> None:
         info, self.options, box = check_batch_problem(method, X0, bounds, options)
         self.method_name = info.name
         self.fun = fun
@@ -147,15 +134,21 @@ class BatchSolve:
         self.initial_state = initial_state
         self.on_checkpoint = on_checkpoint
         self.checkpoint_interval_s = checkpoint_interval_s
+        # A progress report costs a host sync: at most one per progress_interval_s.
+        self.progress_interval_s = progress_interval_s
+        # sync_free: no host syncs beyond the one stopping check per engine step (the GPU
+        # default); on the CPU syncs are free and gathering the few rows still searching wins.
+        self.sync_free = X0.device.type != "cpu" if sync_free is None else sync_free
         self.evaluations = 0  # batched objective calls (not member evaluations)
+        self.stepper = LineSearchStepper(self) if self.method is not None else None
 
     # -- evaluations ---------------------------------------------------------------------
-    def _value(self, X: Tensor, ids: Tensor) -> Tensor:
+    def value(self, X: Tensor, ids: Tensor) -> Tensor:
         with torch.no_grad():
             out = self.fun(X, ids)
             return 0.5 * (out * out).sum(1) if self.residual else out
 
-    def _value_grad(self, X: Tensor, ids: Tensor) -> tuple[Tensor, Tensor]:
+    def value_grad(self, X: Tensor, ids: Tensor) -> tuple[Tensor, Tensor]:
         with torch.enable_grad():
             Xg = X.detach().requires_grad_(True)
             out = self.fun(Xg, ids)
@@ -163,7 +156,7 @@ class BatchSolve:
             (G,) = torch.autograd.grad(F.sum(), Xg, allow_unused=True)
         return F.detach(), torch.zeros_like(X) if G is None else G
 
-    def _hessian(self, X: Tensor, ids: Tensor) -> Tensor:
+    def hessian(self, X: Tensor, ids: Tensor) -> Tensor:
         k, n = X.shape
         with torch.enable_grad():
             Xg = X.detach().requires_grad_(True)
@@ -175,7 +168,7 @@ class BatchSolve:
             return torch.zeros(k, n, n, dtype=X.dtype, device=X.device)
         return H.permute(1, 0, 2).detach()
 
-    def _residual_jacobian(self, X: Tensor, ids: Tensor) -> tuple[Tensor, Tensor]:
+    def residual_jacobian(self, X: Tensor, ids: Tensor) -> tuple[Tensor, Tensor]:
         k, n = X.shape
         with torch.no_grad():
             r = self.fun(X, ids)
@@ -199,17 +192,19 @@ class BatchSolve:
             X = torch.minimum(torch.maximum(X0, self.box[0]), self.box[1])
         extra = {}
         if self.uses_jacobian:
-            r, J = self._residual_jacobian(X, ids)
+            r, J = self.residual_jacobian(X, ids)
             f = 0.5 * (r * r).sum(1)
             g = torch.bmm(J.transpose(1, 2), r.unsqueeze(2)).squeeze(2)
             extra = {"r": r, "J": J}
             finite = torch.isfinite(r).all(1) & torch.isfinite(J).flatten(1).all(1)
         else:
-            f, g = self._value_grad(X, ids)
+            f, g = self.value_grad(X, ids)
             finite = torch.isfinite(f) & torch.isfinite(g).all(1)
         self.evaluations += 1
         memory = self.method.init_memory(X) if self.method is not None else {}
         memory.update(extra)
+        if self.method_name == "newton":
+            memory["H"] = self.hessian(X, ids)
         if self.method_name == "lm":
             memory["scale"] = torch.clamp((memory["J"] ** 2).sum(1), min=1e-12)
             memory["damping"] = torch.full((B,), self.options.initial_damping, dtype=X.dtype,
@@ -231,13 +226,13 @@ class BatchSolve:
         state.grad_norm = self._grad_norm(state)
         return state
 
-    def _bounds_rows(self, state: BatchState) -> tuple[Tensor, Tensor]:
+    def bounds_rows(self, state: BatchState) -> tuple[Tensor, Tensor]:
         lower, upper = self.box
         return lower.index_select(0, state.index), upper.index_select(0, state.index)
 
     def _grad_norm(self, state: BatchState) -> Tensor:
         if self.method_name == "l-bfgs-b":
-            lower, upper = self._bounds_rows(state)
+            lower, upper = self.bounds_rows(state)
             projected = torch.minimum(torch.maximum(state.x - state.g, lower), upper) - state.x
             return projected.abs().amax(1)
         return state.g.abs().amax(1)
@@ -254,6 +249,23 @@ class BatchSolve:
             x_scale = torch.clamp(state.x.abs().amax(1), min=1.0)
             done = done | (later & (state.step_norm <= term.xtol * x_scale))
         return done
+
+    def check_termination(self, state: BatchState, rows: Tensor) -> None:
+        """The single driver's loop-top tests, for `rows`: converged, then the iteration cap."""
+        rows = rows & (state.status == RUNNING)
+        conv = rows & self._converged(state)
+        capped = rows & ~conv & (state.nit >= self.max_iter)
+        state.status = torch.where(conv, int(Status.CONVERGED), state.status)
+        state.status = torch.where(capped, int(Status.MAX_ITERATIONS), state.status)
+
+    def _within_evaluations(self, state: BatchState, running: Tensor) -> Tensor:
+        """Running members whose next trial is within max_evals (the others stop there)."""
+        max_evals = self.options.termination.max_evals
+        if max_evals is None:
+            return running
+        over = running & (state.nfev >= max_evals)
+        state.status = torch.where(over, int(Status.MAX_EVALUATIONS), state.status)
+        return running & ~over
 
     def _before_evaluation(self, started: float, elapsed_before: float) -> None:
         if self.should_stop():
@@ -277,14 +289,14 @@ class BatchSolve:
         elapsed_before = state.elapsed_s
         self._check = (started, elapsed_before)
         last_checkpoint = time.monotonic()
+        last_progress = -math.inf
         while True:
+            if self.stepper is not None:
+                self.stepper.resolve_and_start(state)
+            else:
+                self.check_termination(state, state.status == RUNNING)
             running = state.status == RUNNING
-            conv = running & self._converged(state)
-            capped = running & ~conv & (state.nit >= self.max_iter)
-            state.status = torch.where(conv, int(Status.CONVERGED), state.status)
-            state.status = torch.where(capped, int(Status.MAX_ITERATIONS), state.status)
-            running = state.status == RUNNING
-            # The one host sync of an iteration: how many members still run.
+            # The one host sync of an engine step: how many members still run.
             active = int(running.sum())
             if active < state.rows:
                 finished = ~running & (state.out_status.index_select(0, state.index) == RUNNING)
@@ -295,7 +307,9 @@ class BatchSolve:
             state.elapsed_s = elapsed_before + time.perf_counter() - started
             if active == 0:
                 break
-            if self.callback is not None and (not fresh or state.iteration > 0):
+            if self.callback is not None and (not fresh or state.iteration > 0) and (
+                    time.monotonic() - last_progress >= self.progress_interval_s):
+                last_progress = time.monotonic()
                 if self.callback(self.progress(state, active)):
                     self.should_stop = lambda: True
             fresh = False
@@ -304,13 +318,13 @@ class BatchSolve:
                 last_checkpoint = time.monotonic()
                 self.on_checkpoint(state)
             try:
-                if self.method_name == "lm":
-                    self._lm_step(state, running)
+                if self.stepper is not None:
+                    self._before_evaluation(*self._check)
+                    self.stepper.evaluate_trials(state, self._within_evaluations(state, running))
                 else:
-                    self._step(state, running)
+                    self._lm_step(state, running)
             except _Stopped as stop:
-                state.status = torch.where(state.status == RUNNING, int(stop.status),
-                                           state.status)
+                stop_searches(state, stop.status)
             state.iteration += 1
         state.elapsed_s = elapsed_before + time.perf_counter() - started
         if self.callback is not None:
@@ -355,266 +369,10 @@ class BatchSolve:
             best_f=stats[2], median_f=stats[3], elapsed_s=state.elapsed_s,
         )
 
-    # -- one iteration of a line-search method -------------------------------------------
-    def _extra(self, state: BatchState, running: Tensor):
-        name = self.method_name
-        if name == "newton":
-            self._before_evaluation(*self._check)
-            H = self._hessian(state.x, state.index)
-            self.evaluations += 1
-            state.nhev = state.nhev + running.long()
-            bad = running & ~torch.isfinite(H).flatten(1).all(1)
-            state.status = torch.where(bad, int(Status.NON_FINITE), state.status)
-            return torch.where(bad.reshape(-1, 1, 1), torch.zeros_like(H), H)
-        if name == "gauss-newton":
-            return state.memory["r"], state.memory["J"]
-        if name == "l-bfgs-b":
-            return self._bounds_rows(state)
-        return None
-
-    def _step(self, state: BatchState, running: Tensor) -> None:
-        method = self.method
-        extra = self._extra(state, running)
-        running = state.status == RUNNING
-        g = state.g
-        d = method.direction(state.x, g, state.memory, extra)
-        derphi0 = (g * d).sum(1)
-        descent = torch.isfinite(derphi0) & (derphi0 < 0)
-        if self.method_name == "l-bfgs-b":
-            self._projected_step(state, running, d, derphi0, descent, extra)
-            return
-        steepest = running & ~descent
-        method.reset(state.memory, steepest)
-        gg = (g * g).sum(1)
-        d = torch.where(steepest.unsqueeze(1), -g, d)
-        derphi0 = torch.where(steepest, -gg, derphi0)
-        alpha0 = method.initial_step(state.nit, state.f, state.f_prev, g, derphi0)
-        trial = self._search(state, running, d, derphi0, alpha0)
-        retry = running & ~trial.ok & ~steepest & (state.status == RUNNING)
-        if bool(retry.any()):
-            method.reset(state.memory, retry)
-            d = torch.where(retry.unsqueeze(1), -g, d)
-            derphi0 = torch.where(retry, -gg, derphi0)
-            alpha_fresh = torch.clamp(1.0 / torch.clamp(g.abs().amax(1), min=1e-300), max=1.0)
-            again = self._search(state, retry, d, derphi0, alpha_fresh)
-            trial = _merge(retry, again, trial)
-        self._finish_step(state, running, trial, d, derphi0)
-
-    def _projected_step(self, state, running, d, derphi0, descent, bounds) -> None:
-        """l-bfgs-b: a feasible direction, searched up to the nearest bound."""
-        method = self.method
-        lower, upper = bounds
-        no_descent = running & ~descent & (state.memory["count"] > 0)
-        if bool(no_descent.any()):
-            method.reset(state.memory, no_descent)
-            d2 = method.direction(state.x, state.g, state.memory, bounds)
-            d = torch.where(no_descent.unsqueeze(1), d2, d)
-            derphi0 = (state.g * d).sum(1)
-            descent = torch.isfinite(derphi0) & (derphi0 < 0)
-        stuck = running & ~descent
-        state.status = torch.where(stuck, int(Status.LINE_SEARCH_FAILED), state.status)
-        running = state.status == RUNNING
-        alpha_max = method.max_step(state.x, d, lower, upper)
-        boxed = torch.isfinite(lower).all(1) & torch.isfinite(upper).all(1)
-        first = (state.nit == 0) & ~boxed
-        dnorm = torch.clamp(torch.linalg.vector_norm(d, dim=1), min=1e-300)
-        alpha0 = torch.where(first, torch.minimum(1.0 / dnorm, alpha_max),
-                             torch.clamp(alpha_max, max=1.0))
-        zero_step = running & (alpha_max <= 0)
-        state.status = torch.where(zero_step, int(Status.LINE_SEARCH_FAILED), state.status)
-        running = state.status == RUNNING
-        trial = self._search(state, running, d, derphi0, alpha0, alpha_max=alpha_max,
-                             project=bounds)
-        retry = running & ~trial.ok & (state.memory["count"] > 0) & (state.status == RUNNING)
-        if bool(retry.any()):
-            method.reset(state.memory, retry)
-            d2 = method.direction(state.x, state.g, state.memory, bounds)
-            d = torch.where(retry.unsqueeze(1), d2, d)
-            derphi0 = (state.g * d).sum(1)
-            ok_dir = retry & torch.isfinite(derphi0) & (derphi0 < 0)
-            alpha_max = method.max_step(state.x, d, lower, upper)
-            again = self._search(state, ok_dir, d, derphi0,
-                                 torch.clamp(alpha_max, max=1.0), alpha_max=alpha_max,
-                                 project=bounds)
-            trial = _merge(ok_dir, again, trial)
-        moved = (trial.x - state.x).abs().amax(1) > 0
-        trial.ok = trial.ok & moved
-        self._finish_step(state, running, trial, d, derphi0)
-
-    def _search(self, state: BatchState, searching: Tensor, d: Tensor, derphi0: Tensor,
-                alpha0: Tensor, alpha_max: Tensor | None = None, project=None) -> _Trial:
-        """Runs every searching row's line search to its end; one batched evaluation per
-        round. After the first round (where most members finish) the search state shrinks to
-        the rows still searching, so later rounds cost what those few rows cost."""
-        rule = self.rule
-        if isinstance(rule, BatchedStrongWolfe):
-            search = rule.start(state.f, derphi0, alpha0, searching, alpha_max)
-        else:
-            search = rule.start(state.f, derphi0, alpha0, searching)
-        needs_g = rule.needs_gradient
-        k = state.rows
-        last_x = state.x.clone()
-        last_f = torch.full_like(state.f, math.nan)
-        last_g = torch.full_like(state.g, math.nan)
-        last_der = torch.full_like(state.f, math.nan)
-        max_evals = self.options.termination.max_evals
-        covered: Tensor | None = None  # rows (of k) the shrunk search state holds; None: all
-        full_search = search
-
-        def to_rows(mask: Tensor) -> Tensor:
-            if covered is None:
-                return mask
-            return torch.zeros(k, dtype=torch.bool, device=mask.device).index_copy(
-                0, covered, mask)
-
-        while True:
-            local = search.searching.nonzero().squeeze(1)  # host sync: who still searches
-            if local.numel() == 0:
-                break
-            try:
-                self._before_evaluation(*self._check)
-            except _Stopped as stop:
-                state.status = torch.where(to_rows(search.searching), int(stop.status),
-                                           state.status)
-                raise
-            if max_evals is not None:
-                nfev = state.nfev if covered is None else state.nfev.index_select(0, covered)
-                over = search.searching & (nfev >= max_evals)
-                state.status = torch.where(to_rows(over), int(Status.MAX_EVALUATIONS),
-                                           state.status)
-                search.searching = search.searching & ~over
-                local = search.searching.nonzero().squeeze(1)
-                if local.numel() == 0:
-                    break
-            if covered is None and local.numel() < COMPACT_BELOW * k:
-                search = _select_rows(search, local)
-                covered = local
-                local = torch.arange(local.numel(), device=local.device)
-            rows = local if covered is None else covered.index_select(0, local)
-            whole = rows.numel() == k
-            n_cov = search.alpha.shape[0]
-            x_rows = state.x if whole else state.x.index_select(0, rows)
-            d_rows = d if whole else d.index_select(0, rows)
-            a_rows = search.alpha if local.numel() == n_cov else search.alpha.index_select(
-                0, local)
-            xt = torch.addcmul(x_rows, a_rows.unsqueeze(1), d_rows)
-            if project is not None:
-                lo, hi = project
-                if not whole:
-                    lo, hi = lo.index_select(0, rows), hi.index_select(0, rows)
-                xt = torch.minimum(torch.maximum(xt, lo), hi)
-            ids = state.index if whole else state.index.index_select(0, rows)
-            if needs_g:
-                ft, gt = self._value_grad(xt, ids)
-                dt = (gt * d_rows).sum(1)
-            else:
-                ft = self._value(xt, ids)
-                gt = None
-                dt = torch.full_like(ft, math.nan)
-            self.evaluations += 1
-            ft = torch.where(torch.isfinite(ft), ft, torch.full_like(ft, math.nan))
-            if whole:
-                last_x, last_f, last_der = xt, ft, dt
-                if gt is not None:
-                    last_g = gt
-                counted = torch.ones_like(state.nfev)
-            else:
-                last_x = last_x.index_copy(0, rows, xt)
-                last_f = last_f.index_copy(0, rows, ft)
-                last_der = last_der.index_copy(0, rows, dt)
-                if gt is not None:
-                    last_g = last_g.index_copy(0, rows, gt)
-                counted = torch.zeros_like(state.nfev).index_fill(0, rows, 1)
-            if local.numel() == n_cov:
-                phi, der = ft, dt
-            else:
-                phi = torch.full_like(search.alpha, math.nan).index_copy(0, local, ft)
-                der = torch.full_like(search.alpha, math.nan).index_copy(0, local, dt)
-            state.nfev = state.nfev + counted
-            if needs_g:
-                state.njev = state.njev + counted
-            # Most trials are accepted at once: settle those cheaply, then run the full update
-            # only on the rest (shrunk to them when they are few).
-            rule.settle(search, phi, der)
-            if covered is None:
-                rest = search.searching.nonzero().squeeze(1)
-                if rest.numel() == 0:
-                    break
-                if rest.numel() < COMPACT_BELOW * k:
-                    search = _select_rows(search, rest)
-                    phi, der = phi.index_select(0, rest), der.index_select(0, rest)
-                    covered = rest
-            search = rule.advance(search, phi, der)
-        if covered is not None:
-            search = _scatter_rows(full_search, covered, search)
-        ok = searching & search.success & (search.result_alpha > 0) & torch.isfinite(
-            search.result_phi)
-        return _Trial(ok=ok, saw_nonfinite=search.saw_nonfinite, alpha=search.result_alpha,
-                      x=last_x, f=last_f, g=last_g, derphi=last_der)
-
-    def _finish_step(self, state, running, trial: _Trial, d, derphi0) -> None:
-        failed = running & ~trial.ok & (state.status == RUNNING)
-        state.status = torch.where(
-            failed & trial.saw_nonfinite, int(Status.NON_FINITE),
-            torch.where(failed, int(Status.LINE_SEARCH_FAILED), state.status))
-        ok = running & trial.ok & (state.status == RUNNING)
-        g_new = trial.g
-        if self.method_name == "gauss-newton":
-            g_new = state.g  # replaced with J^T r at the new point below
-        elif not self.rule.needs_gradient:
-            rows = ok.nonzero().squeeze(1)
-            if rows.numel():
-                self._before_evaluation(*self._check)
-                _, g_rows = self._value_grad(trial.x.index_select(0, rows),
-                                             state.index.index_select(0, rows))
-                self.evaluations += 1
-                g_new = torch.full_like(state.g, math.nan).index_copy(0, rows, g_rows)
-                state.njev = state.njev + torch.zeros_like(state.njev).index_fill(0, rows, 1)
-                bad = ok & ~torch.isfinite(g_new).all(1)
-                state.status = torch.where(bad, int(Status.NON_FINITE), state.status)
-                ok = ok & ~bad
-        wolfe = isinstance(self.rule, BatchedStrongWolfe)
-        s = trial.x - state.x
-        y = g_new - state.g
-        sy = trial.alpha * (trial.derphi - derphi0) if wolfe and self.method_name != "l-bfgs-b" \
-            else torch.full_like(state.f, math.nan)
-        okm = ok.unsqueeze(1)
-        self.method.absorb(state.memory, ok, torch.where(okm, s, 0.0), torch.where(okm, y, 0.0),
-                           torch.where(ok, sy, math.nan))
-        state.step_norm = torch.where(ok, s.abs().amax(1), state.step_norm)
-        state.f_prev = torch.where(ok, state.f, state.f_prev)
-        state.x = torch.where(okm, trial.x, state.x)
-        state.f = torch.where(ok, trial.f, state.f)
-        state.g = torch.where(okm, g_new, state.g)
-        state.step_size = torch.where(ok, trial.alpha, state.step_size)
-        state.nit = state.nit + ok.long()
-        if self.method_name == "gauss-newton":
-            self._refresh_jacobian(state, ok)
-        self._after_step(state, ok)
-
-    def _after_step(self, state: BatchState, moved: Tensor) -> None:
+    def after_step(self, state: BatchState, moved: Tensor) -> None:
+        """The single driver's after-step test: a moved member with NaN/Inf ends NON_FINITE."""
         state.grad_norm = torch.where(moved, self._grad_norm(state), state.grad_norm)
         bad = moved & ~(torch.isfinite(state.f) & torch.isfinite(state.grad_norm))
-        state.status = torch.where(bad, int(Status.NON_FINITE), state.status)
-
-    def _refresh_jacobian(self, state: BatchState, moved: Tensor) -> None:
-        rows = moved.nonzero().squeeze(1)
-        if rows.numel() == 0:
-            return
-        self._before_evaluation(*self._check)
-        r, J = self._residual_jacobian(state.x.index_select(0, rows),
-                                       state.index.index_select(0, rows))
-        self.evaluations += 1
-        mem = state.memory
-        mem["r"] = mem["r"].index_copy(0, rows, r)
-        mem["J"] = mem["J"].index_copy(0, rows, J)
-        g = torch.bmm(J.transpose(1, 2), r.unsqueeze(2)).squeeze(2)
-        state.g = state.g.index_copy(0, rows, g)
-        state.f = state.f.index_copy(0, rows, 0.5 * (r * r).sum(1))
-        state.nfev = state.nfev + torch.zeros_like(state.nfev).index_fill(0, rows, 1)
-        state.njev = state.njev + torch.zeros_like(state.njev).index_fill(0, rows, 1)
-        bad = torch.zeros_like(moved).index_copy(
-            0, rows, ~(torch.isfinite(r).all(1) & torch.isfinite(J).flatten(1).all(1)))
         state.status = torch.where(bad, int(Status.NON_FINITE), state.status)
 
     # -- Levenberg-Marquardt -------------------------------------------------------------
@@ -651,7 +409,7 @@ class BatchSolve:
             if rows.numel():
                 self._before_evaluation(*self._check)
                 x_rows = (state.x + p).index_select(0, rows)
-                r_rows, J_rows = self._residual_jacobian(x_rows, state.index.index_select(0, rows))
+                r_rows, J_rows = self.residual_jacobian(x_rows, state.index.index_select(0, rows))
                 self.evaluations += 1
                 one = torch.zeros_like(state.nfev).index_fill(0, rows, 1)
                 state.nfev, state.njev = state.nfev + one, state.njev + one
@@ -703,31 +461,7 @@ class BatchSolve:
         state.status = torch.where(
             gave_up, torch.where(saw_nonfinite, int(Status.NON_FINITE),
                                  int(Status.LINE_SEARCH_FAILED)), state.status)
-        self._after_step(state, moved & (state.status == RUNNING))
-
-
-def _select_rows(search, rows: Tensor):
-    return dataclasses.replace(search, **{
-        f.name: getattr(search, f.name).index_select(0, rows) for f in dataclasses.fields(search)})
-
-
-def _scatter_rows(full, rows: Tensor, part):
-    """`full` with the rows `rows` replaced by the shrunk search `part` (result fields)."""
-    names = ("searching", "success", "saw_nonfinite", "result_alpha", "result_phi",
-             "result_derphi")
-    return dataclasses.replace(full, **{
-        name: getattr(full, name).index_copy(0, rows, getattr(part, name)) for name in names})
-
-
-def _merge(rows: Tensor, new: _Trial, old: _Trial) -> _Trial:
-    r1 = rows.unsqueeze(1)
-    return _Trial(
-        ok=torch.where(rows, new.ok, old.ok),
-        saw_nonfinite=torch.where(rows, new.saw_nonfinite, old.saw_nonfinite),
-        alpha=torch.where(rows, new.alpha, old.alpha),
-        x=torch.where(r1, new.x, old.x), f=torch.where(rows, new.f, old.f),
-        g=torch.where(r1, new.g, old.g), derphi=torch.where(rows, new.derphi, old.derphi),
-    )
+        self.after_step(state, moved & (state.status == RUNNING))
 
 
 def minimize_batch(fun: BatchFun, X0: Tensor, *, method: str = "bfgs", bounds=None,

@@ -66,17 +66,17 @@ class BatchState:
         self.memory = {k: v.index_select(0, rows) for k, v in self.memory.items()}
 
     def write_finished(self, done: Tensor) -> None:
-        """Copies the rows `done` (a mask) to the full-size results."""
-        rows = done.nonzero().squeeze(1)
-        if rows.numel() == 0:
-            return
-        ids = self.index.index_select(0, rows)
-        self.out_x.index_copy_(0, ids, self.x.index_select(0, rows))
-        self.out_f.index_copy_(0, ids, self.f.index_select(0, rows))
-        self.out_g.index_copy_(0, ids, self.g.index_select(0, rows))
-        self.out_status.index_copy_(0, ids, self.status.index_select(0, rows))
+        """Copies the rows `done` (a mask) to the full-size results; masked over every row,
+        so it needs no host sync."""
+        ids = self.index
+        col = done.unsqueeze(1)
+        for out, rows in ((self.out_x, self.x), (self.out_g, self.g)):
+            out.index_copy_(0, ids, torch.where(col, rows, out.index_select(0, ids)))
+        for out, rows in ((self.out_f, self.f), (self.out_status, self.status)):
+            out.index_copy_(0, ids, torch.where(done, rows, out.index_select(0, ids)))
         counts = torch.stack((self.nit, self.nfev, self.njev, self.nhev), 1)
-        self.out_counts.index_copy_(0, ids, counts.index_select(0, rows))
+        self.out_counts.index_copy_(
+            0, ids, torch.where(col, counts, self.out_counts.index_select(0, ids)))
 
     def to(self, device: torch.device | str) -> BatchState:
         for name in (*self._ROW_FIELDS, *self._OUT_FIELDS):
@@ -87,10 +87,12 @@ class BatchState:
 
 def batch_state_to_bytes(state: BatchState) -> bytes:
     """safetensors bytes: every tensor of the state, numbers in the metadata (no pickle)."""
-    tensors = {name: getattr(state, name).detach().contiguous().cpu()
+    # Copies, not views: rows of the state may alias each other (the last trial is the start
+    # before the first evaluation), and safetensors refuses tensors that share storage.
+    tensors = {name: getattr(state, name).detach().cpu().clone()
                for name in (*BatchState._ROW_FIELDS, *BatchState._OUT_FIELDS)}
     for key, value in state.memory.items():
-        tensors[f"memory.{key}"] = value.detach().contiguous().cpu()
+        tensors[f"memory.{key}"] = value.detach().cpu().clone()
     meta = {"class": "BatchState", "method": state.method, "iteration": str(state.iteration),
             "elapsed_s": repr(float(state.elapsed_s))}
     return save(tensors, metadata=meta)
