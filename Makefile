@@ -15,7 +15,7 @@ $(BIN)/python:
 
 # The stamp is rebuilt when the dependency lists change; torch comes from the pinned CPU wheel.
 $(VENV)/.installed-dev: $(BIN)/python pyproject.toml client/pyproject.toml
-	$(BIN)/python -m pip install --quiet -e '.[dev]'
+	PLAYWRIGHT_SKIP_BROWSER_DOWNLOAD=1 $(BIN)/python -m pip install --quiet -e '.[dev]'
 	touch $@
 
 install: $(VENV)/.installed-dev
@@ -23,8 +23,17 @@ install: $(VENV)/.installed-dev
 serve: install
 	$(BIN)/secant serve --host $(HOST) --port $(PORT) --metrics-port $(METRICS_PORT) --db $(DB)
 
-test: install
-	$(BIN)/python -m pytest -q -p no:cacheprovider --ignore=tests/deploy
+# Debian's chromium for the dashboard's browser tests: Playwright drives it and downloads no
+# browser of its own. Where it cannot be installed those tests skip, saying why.
+$(VENV)/.installed-browser: | $(BIN)/python
+	@command -v chromium >/dev/null 2>&1 || { apt-get update -qq >/dev/null 2>&1 && \
+		DEBIAN_FRONTEND=noninteractive apt-get install -y -qq --no-install-recommends \
+		chromium >/dev/null 2>&1; } || \
+		echo "chromium could not be installed: the dashboard's browser tests will skip"
+	@if command -v chromium >/dev/null 2>&1; then touch $@; fi
+
+test: install $(VENV)/.installed-browser
+	PLAYWRIGHT_SKIP_BROWSER_DOWNLOAD=1 $(BIN)/python -m pytest -q -p no:cacheprovider --ignore=tests/deploy
 
 # Offline deployment checks (compose, Kustomize, Prometheus, local Ray topology).
 deploy-check: install

@@ -16,6 +16,9 @@ from service import logs
 log = logging.getLogger("secant.cli")
 
 
+DEFAULT_DASHBOARD_PORT = 9465  # beside /metrics' 9464; Ray's own dashboard has 8265
+
+
 def _serve_parser() -> argparse.ArgumentParser:
     from service.validation import Limits  # torch-heavy: only `serve` pays for it
 
@@ -29,6 +32,13 @@ def _serve_parser() -> argparse.ArgumentParser:
                         help="address for /metrics (a pod IP on Kubernetes; default loopback)")
     parser.add_argument("--metrics-port", type=int, default=9464,
                         help="Prometheus /metrics port on 127.0.0.1 (-1: off)")
+    parser.add_argument("--dashboard-port", type=int, default=None,
+                        help="web dashboard port (0: any free port; default 9465, or no "
+                        "dashboard when another process holds 9465)")
+    parser.add_argument("--dashboard-host", default="127.0.0.1",
+                        help="address for the dashboard (default loopback; beyond it needs "
+                        "--tokens)")
+    parser.add_argument("--no-dashboard", action="store_true", help="serve no web dashboard")
     parser.add_argument("--db", default="./secant.db",
                         help="SQLite job store file ('memory' for a throwaway store)")
     parser.add_argument("--ray-address", default=None,
@@ -88,6 +98,12 @@ def _serve_parser() -> argparse.ArgumentParser:
     return parser
 
 
+def _dashboard_port(args: argparse.Namespace) -> int | None:
+    if args.no_dashboard or (args.dashboard_port is not None and args.dashboard_port < 0):
+        return None
+    return DEFAULT_DASHBOARD_PORT if args.dashboard_port is None else args.dashboard_port
+
+
 def serve(argv: list[str]) -> int:
     args = _serve_parser().parse_args(argv)
     if args.ray_address is None:
@@ -108,6 +124,9 @@ def serve(argv: list[str]) -> int:
         port=args.port,
         metrics_port=None if args.metrics_port < 0 else args.metrics_port,
         metrics_host=args.metrics_host,
+        dashboard_port=_dashboard_port(args),
+        dashboard_host=args.dashboard_host,
+        dashboard_best_effort=args.dashboard_port is None,
         db=args.db,
         ray_address=args.ray_address,
         num_cpus=args.num_cpus,
@@ -151,6 +170,8 @@ def serve(argv: list[str]) -> int:
             loop.add_signal_handler(signum, stop.set)
         await gateway.start()
         print(f"secant serving on {gateway.address}", flush=True)
+        if gateway.dashboard_url:
+            print(f"dashboard on {gateway.dashboard_url}", flush=True)
         await stop.wait()
         log.info("shutting down")
         await gateway.stop()

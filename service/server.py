@@ -1,10 +1,10 @@
 """Assembles the gateway: store, Ray, scheduler, job manager, grpc.aio server with health and
-reflection, and the metrics endpoint; and takes it apart again in the right order.
+reflection, the metrics endpoint and the dashboard; and takes it apart again in the right order.
 
 Startup order: store -> Ray (embedded or joined) -> warm worker pool -> job manager (settles
-jobs a dead gateway left behind) -> gRPC server -> health SERVING. Shutdown: health
-NOT_SERVING -> `server.stop(grace)` -> job manager (ends what is still live) -> workers ->
-Ray (if embedded) -> store.
+jobs a dead gateway left behind) -> gRPC server -> metrics, dashboard -> health SERVING.
+Shutdown: health NOT_SERVING -> dashboard (its event streams end) -> `server.stop(grace)` ->
+job manager (ends what is still live) -> workers -> Ray (if embedded) -> store.
 """
 
 from __future__ import annotations
@@ -44,6 +44,13 @@ class GatewayConfig:
     port: int = 50051  # 0 picks a free port
     metrics_port: int | None = 9464  # None: no metrics endpoint; 0: a free port
     metrics_host: str = "127.0.0.1"
+    # The web dashboard (service.dashboard): None: off (`secant serve` turns it on at 9465);
+    # 0: a free port. Beyond loopback it needs --tokens, as the gRPC port does.
+    dashboard_port: int | None = None
+    dashboard_host: str = "127.0.0.1"
+    # True for the CLI's default port: should it be taken (another gateway on this machine),
+    # the gateway serves without a dashboard and says so, rather than not at all.
+    dashboard_best_effort: bool = False
     db: str = "./secant.db"
     # Job artifacts (training weights); None: "secant-artifacts" beside the db file.
     artifacts_dir: str | None = None
@@ -110,6 +117,13 @@ def check_config(config: GatewayConfig) -> None:
     elif not _is_loopback(config.host) and config.tls_cert is None:
         log.warning("tokens travel in plaintext: serve with --tls-cert/--tls-key unless a"
                     " TLS proxy fronts this gateway", extra={"host": config.host})
+    if config.dashboard_port is not None and not _is_loopback(config.dashboard_host):
+        if config.tokens is None and not config.allow_remote_without_auth:
+            raise ValueError(
+                f"--dashboard-host {config.dashboard_host}: serving the dashboard beyond"
+                " loopback needs auth (--tokens FILE); pass --allow-remote-without-auth to do"
+                " it anyway, or --no-dashboard"
+            )
 
 
 def _server_credentials(config: GatewayConfig) -> grpc.ServerCredentials:
@@ -131,6 +145,8 @@ class Gateway:
         self.config = config
         self.address: str | None = None
         self.metrics_port: int | None = None
+        self.dashboard_port: int | None = None
+        self._dashboard = None
         self.metrics = Metrics()
         self._store = None
         self._ray: RayCluster | None = None
@@ -150,14 +166,25 @@ class Gateway:
 
     async def _start(self, config: GatewayConfig) -> None:
         self._store = open_store(config.db)
-        self._ray = RayCluster(config.ray_address, num_cpus=config.num_cpus)
+        # The head's record lives beside the store: the next gateway on this store ends a head
+        # that a killed gateway left behind before starting its own.
+        owner_file = None if config.db in ("memory", ":memory:") else Path(
+            f"{Path(config.db).resolve()}.ray-head")
+        self._ray = RayCluster(config.ray_address, num_cpus=config.num_cpus,
+                               owner_file=owner_file)
         self._ray.launch()  # from this (the loop's) thread, which outlives the head
         await asyncio.to_thread(self._ray.connect)
         import ray  # after the cluster is up; ray.cluster_resources needs a connection
 
         workers = config.workers or max(1, int(ray.cluster_resources().get("CPU", 1)))
         self._scheduler = Scheduler(workers)
+        # The gateway checks batch objectives itself; their first build imports torch's compile
+        # machinery (seconds), paid here beside the workers' warm-up instead of by a caller.
+        from workers.batch_runner import warm_up_batch
+
+        gateway_warm = asyncio.create_task(asyncio.to_thread(warm_up_batch))
         warm_s = await self._scheduler.start()
+        await gateway_warm
         log.info(
             "ray ready",
             extra={"ray_address": self._ray.address, "embedded": self._ray.embedded,
@@ -179,8 +206,9 @@ class Gateway:
         limit = config.limits.max_message_bytes
         # Metrics first, so that refused calls are counted with their code.
         interceptors: list[grpc.aio.ServerInterceptor] = [MetricsInterceptor(self.metrics)]
-        if config.tokens is not None:
-            interceptors.append(AuthInterceptor(TokenStore(config.tokens)))
+        tokens = TokenStore(config.tokens) if config.tokens is not None else None
+        if tokens is not None:
+            interceptors.append(AuthInterceptor(tokens))
         interceptors.append(RequestParsingInterceptor())  # innermost: after auth
         self._server = grpc.aio.server(
             interceptors=interceptors,
@@ -224,15 +252,36 @@ class Gateway:
         self.address = f"{config.host}:{port}"
         if config.metrics_port is not None:
             self.metrics_port = self.metrics.serve(config.metrics_port, host=config.metrics_host)
+        if config.dashboard_port is not None:
+            from service.dashboard import Dashboard, DashboardSettings  # web stack: only if on
+
+            self._dashboard = Dashboard(self.jobs, self._store, DashboardSettings(
+                host=config.dashboard_host, port=config.dashboard_port,
+                tls_cert=config.tls_cert, tls_key=config.tls_key,
+            ), tokens=tokens)
+            try:
+                self.dashboard_port = await self._dashboard.start()
+            except OSError as exc:
+                if not config.dashboard_best_effort:
+                    raise
+                self._dashboard = None
+                log.warning("serving without the dashboard: its default port is taken (pass"
+                            " --dashboard-port N, or 0 for any free port)",
+                            extra={"error": str(exc)})
         serving = health_pb2.HealthCheckResponse.SERVING
         await self._health.set("", serving)
         await self._health.set(SERVICE_NAME, serving)
         log.info(
             "serving",
             extra={"address": self.address, "metrics_port": self.metrics_port,
+                   "dashboard": self.dashboard_url,
                    "db": config.db, "pid": os.getpid(), "auth": config.tokens is not None,
                    "tls": "mutual" if config.tls_client_ca else config.tls_cert is not None},
         )
+
+    @property
+    def dashboard_url(self) -> str | None:
+        return self._dashboard.url if self._dashboard is not None else None
 
     def _artifacts_dir(self) -> str:
         if self.config.artifacts_dir:
@@ -246,6 +295,9 @@ class Gateway:
     async def stop(self, grace_s: float | None = None) -> None:
         grace = self.config.grace_s if grace_s is None else grace_s
         await self._health.enter_graceful_shutdown()
+        if self._dashboard is not None:  # first: its event streams end before the jobs do
+            await self._dashboard.stop()
+            self._dashboard = None
         if self._server is not None:
             await self._server.stop(grace)
             self._server = None
