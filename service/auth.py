@@ -13,7 +13,7 @@ nothing to brute-force), and a leaked file lets no one in. The file is re-read w
 (checked at most once a second), so tokens rotate without a restart: add the new one, move
 callers over, delete the old line.
 
-Roles: `solve` (Solve, Submit, SubmitBatch, SolveWithCallbacks), `train` (Train),
+Roles: `solve` (Solve, Submit, SubmitBatch, SolveWithCallbacks), `train` (Train, Plan),
 `trust-code` (torch.export and cloudpickle objectives, on a server started with --trust-code;
 checked in validation, which knows the objective's kind) and `admin` (sees, watches, lists and
 cancels every caller's jobs; it grants nothing else). Reading and cancelling one's own jobs
@@ -54,6 +54,7 @@ METHOD_ROLES: dict[str, str | None] = {
     "SubmitBatch": "solve",
     "SolveWithCallbacks": "solve",
     "Train": "train",
+    "Plan": "train",
     "Watch": None,
     "GetJob": None,
     "ListJobs": None,

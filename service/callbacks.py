@@ -37,12 +37,12 @@ from workers.solvers import (
     EvalRequest,
     Evaluation,
     IterationDone,
-    Solve,
     SolveState,
     Status,
     state_from_bytes,
     state_to_bytes,
 )
+from workers.solvers._auto import make_solve
 
 log = logging.getLogger("secant.callbacks")
 
@@ -221,8 +221,10 @@ class _Driver:
         if self.spec.lower is not None:
             bounds = tuple(torch.from_numpy(np.ascontiguousarray(b)).to(dtype)
                            for b in (self.spec.lower, self.spec.upper))
-        self.solve = Solve(self.spec.method, x0, bounds=bounds, options=self.spec.options,
-                           initial_state=state, should_stop=lambda: self.live.cancel_requested)
+        # method "auto" picks by the rules alone here: every probe would be a round trip.
+        self.solve = make_solve(self.spec.method, x0, bounds=bounds,
+                                options=self.spec.options, initial_state=state,
+                                should_stop=lambda: self.live.cancel_requested, callback=True)
         self.snapshot_time = 0.0
         self.state: SolveState | None = None
         self.snapshot_interval = _SNAPSHOT_INTERVAL_S
@@ -523,7 +525,8 @@ def _result_event(result) -> ResultEvent:
         jac=result.jac.detach().cpu().numpy().copy(), nit=int(result.nit),
         nfev=int(result.nfev), njev=int(result.njev), nhev=int(result.nhev),
         status=result.status.name, success=bool(result.success), message=result.message,
-        solve_time_s=float(result.solve_time_s),
+        solve_time_s=float(result.solve_time_s), method_chosen=result.method_chosen,
+        method_reason=result.method_reason,
     )
 
 

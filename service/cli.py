@@ -48,6 +48,9 @@ def _serve_parser() -> argparse.ArgumentParser:
                         help="CPUs of the embedded Ray (default: every core)")
     parser.add_argument("--workers", type=int, default=0,
                         help="warm solver processes (default: one per CPU Ray reports)")
+    parser.add_argument("--solver-processes", type=int, default=None,
+                        help="the gateway's own solver processes, where small solves start"
+                        " (default: as many as --workers; 0: small solves start on Ray)")
     parser.add_argument("--log-level", default="info",
                         choices=["debug", "info", "warning", "error"])
     parser.add_argument("--max-message-bytes", type=int, default=defaults.max_message_bytes)
@@ -131,6 +134,7 @@ def serve(argv: list[str]) -> int:
         ray_address=args.ray_address,
         num_cpus=args.num_cpus,
         workers=args.workers,
+        solver_processes=args.solver_processes,
         trust_code=args.trust_code,
         data_root=args.data_root,
         tokens=args.tokens,

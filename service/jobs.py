@@ -7,7 +7,16 @@ generator (the one channel), numbers them, appends them to the job's in-memory l
 them for the store. Events reach the store in batched transactions (every `flush_interval_s`),
 so hundreds of concurrent solves cost a few commits a second, and watchers get each event only
 once it is stored: a gateway that dies and comes back never shows a watcher a sequence number
-twice or skips one. A job's final event is flushed at once.
+twice or skips one. A job's final event is flushed at once. New jobs join the same batched
+write (a group commit, fsynced): concurrent submits and results share one transaction.
+
+Small solves (one CPU problem of at most SMALL_N_MAX variables) do not stream: their first
+QUICK_BUDGET_S of solving CPU time is one budgeted run, in the gateway's own solver processes
+when it has them and the objective is an expression (service.solver_pool), else one plain Ray
+call (SolverWorker.run_quick); its events come back together. A solve that outlasts the
+budget comes back with a checkpoint and goes on streaming on Ray from it, with the iterates an
+uninterrupted run has. Most small solves end inside the budget: one round trip, one store write
+for the end.
 
 Durability (rescheduling from checkpoints, not detached actors: the embedded Ray dies with its
 gateway, and a solve is cheap to restart from its state): a running solve sends its solver
@@ -49,6 +58,8 @@ from service.batch_jobs import BatchRun, Chunk
 from service.errors import JobNotFound, LimitExceeded
 from service.metrics import Metrics
 from service.scheduler import Scheduler, WorkerLost
+from service.solver_pool import Slot as PoolSlot
+from service.solver_pool import SolverPool
 from service.store import TERMINAL_STATES, JobPage, JobStore, NewJob
 from service.validation import SOLVE_STATUS as _STATUS
 from service.validation import (
@@ -60,13 +71,14 @@ from service.validation import (
 )
 from workers.batch_runner import BatchProgressEvent, BatchResultEvent
 from workers.runner import CheckpointEvent, FailureEvent, IterateEvent, ResultEvent
-from workers.solvers import state_from_bytes
+from workers.solvers import METHODS, SMALL_N_MAX, state_from_bytes
 
 log = logging.getLogger("secant.jobs")
 
 
 def _now(timestamp) -> None:
-    timestamp.FromNanoseconds(time.time_ns())
+    # Timestamp.FromNanoseconds, without its checks (a few us per event on the hot path)
+    timestamp.seconds, timestamp.nanos = divmod(time.time_ns(), 1_000_000_000)
 
 
 def _copy(message):
@@ -115,6 +127,23 @@ class _ChunkFailed(Exception):
 
 
 BATCH_ITERATE_INTERVAL_S = 0.02
+# Small solves start with one budgeted run of at most this much solving CPU time (then stream
+# on from its checkpoint): no streaming call's start and end (about 1 ms on Ray), and events
+# no later than a stream's first batch would bring them (20 ms).
+QUICK_BUDGET_S = 0.02
+
+
+def _quick(spec) -> bool:
+    """A job whose worker run starts as one plain call (SolverWorker.run_quick): a single CPU
+    solve of at most SMALL_N_MAX variables (the numpy path's), whose checkpoint, should it
+    outlast the budget, is small (2mn numbers for L-BFGS, n^2 for the dense methods: at most
+    8 MB)."""
+    return (
+        isinstance(spec, SolveSpec)
+        and spec.device == "cpu"
+        and spec.n <= SMALL_N_MAX
+        and spec.method in METHODS
+    )
 
 
 class JobManager:
@@ -130,7 +159,10 @@ class JobManager:
         cancel_grace_s: float = 1.5,
         checkpoint_interval_s: float = 1.0,
         max_worker_restarts: int = 3,
+        pool: SolverPool | None = None,
     ) -> None:
+        # Small solves start in the gateway's own solver processes (service.solver_pool).
+        self._pool = pool
         self._checkpoint_interval_s = checkpoint_interval_s
         self._max_worker_restarts = max_worker_restarts
         self._pending_checkpoints: dict[str, bytes] = {}
@@ -148,6 +180,9 @@ class JobManager:
         self._usage: dict[str, list[int]] = {}
         self._pending_events: list[pb.JobEvent] = []
         self._dirty: dict[str, _LiveJob] = {}
+        # New jobs waiting for the next store write (one transaction with the events queued
+        # by then, fsynced: a group commit), each group with the future its submit awaits.
+        self._pending_creates: list[tuple[list[NewJob], asyncio.Future]] = []
         self._flush_lock = asyncio.Lock()
         self._flusher: asyncio.Task | None = None
         self._stopping = False
@@ -372,7 +407,10 @@ class JobManager:
                 if isinstance(spec, BatchSolveSpec):
                     live.batch = batch_jobs.new_run(spec, self._limits, self._scheduler.size)
                 lives.append(live)
-            stored = await self._in_db(self._store.create_jobs, new_jobs)
+            created = asyncio.get_running_loop().create_future()
+            self._pending_creates.append((new_jobs, created))
+            await self._flush()
+            stored = await created
         except BaseException:
             self._release_quota(owner, len(unreleased), sum(unreleased.values()))
             raise
@@ -454,19 +492,31 @@ class JobManager:
             await self._run_batch(live)
             return
         job_id = live.job.job_id
+        pooled = self._pool is not None and self._pool.accepts(live.spec)
+        if pooled:
+            if await self._run_in_pool(live):
+                return
+            if live.cancel_requested:  # asked while its pool run ended: stop here
+                await self._finish_cancelled(live)
+                return
         async with self._scheduler.lease(live.spec.device) as worker:
             live.worker = worker
-            live.job.state = pb.RUNNING
-            if not live.job.HasField("started"):
-                _now(live.job.started)
-            self._emit(live, state_change=pb.StateChange(state=pb.RUNNING))
-            log.info("job running", extra={"job_id": job_id})
+            if live.job.state != pb.RUNNING:  # it is when it goes on from its pool run
+                self._set_running(live)
             run_spec = dataclasses.replace(
                 live.spec.run_spec(job_id, trusted=self._trusted),
                 checkpoint=live.checkpoint,
                 checkpoint_interval_s=self._checkpoint_interval_s,
             )
             try:
+                if _quick(live.spec) and not pooled:
+                    # One plain call; a solve that outlasts the budget comes back as a
+                    # checkpoint and goes on streaming from it, on the same worker.
+                    for event in await self._scheduler.run_quick(worker, run_spec, QUICK_BUDGET_S):
+                        await self._on_worker_event(live, event)
+                    if live.job.state in TERMINAL_STATES:
+                        return
+                    run_spec = dataclasses.replace(run_spec, checkpoint=live.checkpoint)
                 async for batch in self._scheduler.stream(worker, run_spec):
                     for event in batch:
                         await self._on_worker_event(live, event)
@@ -474,6 +524,34 @@ class JobManager:
                         break
             finally:
                 live.worker = None
+
+    def _set_running(self, live: _LiveJob) -> None:
+        live.job.state = pb.RUNNING
+        if not live.job.HasField("started"):
+            _now(live.job.started)
+        self._emit(live, state_change=pb.StateChange(state=pb.RUNNING))
+        log.info("job running", extra={"job_id": live.job.job_id})
+
+    async def _run_in_pool(self, live: _LiveJob) -> bool:
+        """The job's first QUICK_BUDGET_S of solving in the gateway's solver pool
+        (service.solver_pool); True when that ended it. Otherwise it has a checkpoint to go
+        on from on Ray."""
+        job_id = live.job.job_id
+        run_spec = dataclasses.replace(
+            live.spec.run_spec(job_id, trusted=self._trusted),
+            checkpoint=live.checkpoint,
+            checkpoint_interval_s=self._checkpoint_interval_s,
+        )
+        try:
+            async with self._pool.slot() as slot:
+                live.worker = slot
+                self._set_running(live)
+                events = await self._pool.run(slot, run_spec, QUICK_BUDGET_S)
+            for event in events:
+                await self._on_worker_event(live, event)
+        finally:
+            live.worker = None
+        return live.job.state in TERMINAL_STATES
 
     # -- batch jobs: chunks side by side (service.batch_jobs has the merging) ---------------
 
@@ -523,6 +601,8 @@ class JobManager:
             return
         self._emit_batch_iterate(live, force=True)
         result = batch_jobs.batch_result(run)
+        if live.spec.method_reason:  # method "auto", resolved at validation
+            result.method_chosen, result.method_reason = live.spec.method, live.spec.method_reason
         await self._finish(live, batch_jobs.final_state(result, live.cancel_requested),
                            result=result)
 
@@ -660,6 +740,8 @@ class JobManager:
                 success=event.success,
                 message=event.message,
                 solve_time_s=event.solve_time_s,
+                method_chosen=event.method_chosen,
+                method_reason=event.method_reason,
             )
             if event.success:
                 state = pb.SUCCEEDED
@@ -798,24 +880,75 @@ class JobManager:
     # -- the store -------------------------------------------------------------------------
 
     async def _flush(self) -> None:
-        """Writes queued events, job records and checkpoints in one transaction, then hands
-        the stored events to watchers."""
+        """Writes queued new jobs, events, job records and checkpoints in one transaction
+        (fsynced when it creates jobs), then hands the stored events to watchers and the
+        created jobs to their submits. Concurrent callers wait for the write in progress and
+        share the next one, so a burst of submits and results costs a few commits, not one
+        each. Returns once everything queued before the call is stored."""
         async with self._flush_lock:
-            if not self._pending_events and not self._dirty and not self._pending_checkpoints:
+            creates, self._pending_creates = self._pending_creates, []
+            if not (creates or self._pending_events or self._dirty or self._pending_checkpoints):
                 return
             events, self._pending_events = self._pending_events, []
             checkpoints, self._pending_checkpoints = self._pending_checkpoints, {}
             lives = list(self._dirty.values())
             jobs = [_copy(live.job) for live in lives]
             self._dirty = {}
-            await self._in_db(self._store.write, jobs, events, checkpoints)
-            for event in events:
-                live = self._live.get(event.job_id)
-                if live is None:
-                    continue
-                live.flushed_seq = event.seq
-                for queue in live.watchers:
-                    queue.put_nowait(event)
+            groups = [group for group, _ in creates]
+            write = asyncio.get_running_loop().run_in_executor(
+                self._db, self._commit, groups, jobs, events, checkpoints
+            )
+            # Whoever waits, the outcome reaches the submits and watchers it belongs to; the
+            # one DB thread keeps writes in order even if this caller goes away.
+            write.add_done_callback(lambda done: self._written(done, creates, events))
+            await asyncio.shield(write)
+            error = write.result()[1]
+            if error is not None:
+                raise error
+
+    def _commit(self, groups, jobs, events, checkpoints):
+        """On the DB thread: (the created jobs per group, the event write's error or None)."""
+        new_jobs = [new for group in groups for new in group]
+        if not new_jobs:
+            self._store.write(jobs, events, checkpoints)
+            return [], None
+        try:
+            created = self._store.commit(new_jobs, jobs, events, checkpoints)
+            error = None
+        except Exception:
+            # Apart, so that a write that fails (it should not) refuses no new job.
+            created = self._store.create_jobs(new_jobs)
+            try:
+                self._store.write(jobs, events, checkpoints)
+                error = None
+            except Exception as exc:
+                error = exc
+        out, start = [], 0
+        for group in groups:
+            out.append(created[start : start + len(group)])
+            start += len(group)
+        return out, error
+
+    def _written(self, done: asyncio.Future, creates, events) -> None:
+        if done.cancelled() or done.exception() is not None:
+            exc = done.exception() if not done.cancelled() else asyncio.CancelledError()
+            for _, created in creates:
+                if not created.done():
+                    created.set_exception(exc)
+            return
+        per_group, error = done.result()
+        for (_, created), jobs in zip(creates, per_group, strict=True):
+            if not created.done():
+                created.set_result(jobs)
+        if error is not None:
+            return
+        for event in events:
+            live = self._live.get(event.job_id)
+            if live is None:
+                continue
+            live.flushed_seq = event.seq
+            for queue in live.watchers:
+                queue.put_nowait(event)
 
     async def _flush_periodically(self) -> None:
         while True:
@@ -855,6 +988,17 @@ class JobManager:
         self, job_id: str, after_seq: int = 0, *, caller: Caller | None = None
     ) -> AsyncIterator[pb.JobEvent]:
         """Every event with seq > after_seq, then live ones until the job ends."""
+        batches = self.watch_batches(job_id, after_seq, caller=caller)
+        async with contextlib.aclosing(batches):
+            async for batch in batches:
+                for event in batch:
+                    yield event
+
+    async def watch_batches(
+        self, job_id: str, after_seq: int = 0, *, caller: Caller | None = None
+    ) -> AsyncIterator[list[pb.JobEvent]]:
+        """As `watch`, in lists of the events at hand: the stored backlog in one, then what
+        each store write made visible (a small solve's iterates and result come together)."""
         if after_seq < 0:
             raise ValueError(f"after_seq: must be >= 0, got {after_seq}")
         live = self._live.get(job_id)
@@ -866,24 +1010,34 @@ class JobManager:
                 raise JobNotFound(job_id)
             live = self._live.get(job_id)
         if live is None:  # finished: everything is in the store
-            for event in await self._in_db(self._store.events, job_id, after_seq):
-                yield event
+            events = await self._in_db(self._store.events, job_id, after_seq)
+            if events:
+                yield events
             return
         queue: asyncio.Queue = asyncio.Queue()
         backlog = live.events[after_seq : live.flushed_seq]  # seq k sits at index k - 1
         live.watchers.add(queue)
-        last_seq = after_seq
+        last_seq = backlog[-1].seq if backlog else after_seq
         try:
-            for event in backlog:
-                last_seq = event.seq
-                yield event
+            if backlog:
+                yield backlog
             while True:
                 event = await queue.get()
-                if event is None:
+                batch, ended = [], False
+                while True:
+                    if event is None:
+                        ended = True
+                        break
+                    if event.seq > last_seq:  # the final event may be in backlog and queue
+                        last_seq = event.seq
+                        batch.append(event)
+                    if queue.empty():
+                        break
+                    event = queue.get_nowait()
+                if batch:
+                    yield batch
+                if ended:
                     return
-                if event.seq > last_seq:  # the final event may be both in backlog and queue
-                    last_seq = event.seq
-                    yield event
         finally:
             live.watchers.discard(queue)
 
@@ -904,7 +1058,10 @@ class JobManager:
             elif live.worker is None:
                 live.task.cancel()  # still waiting for a worker
             else:
-                await self._scheduler.cancel(live.worker, job_id)
+                if isinstance(live.worker, PoolSlot):
+                    SolverPool.cancel(live.worker, job_id)
+                else:
+                    await self._scheduler.cancel(live.worker, job_id)
                 enforcer = asyncio.create_task(self._enforce_cancel(live))
                 self._background.add(enforcer)  # the loop keeps only weak references
                 enforcer.add_done_callback(self._background.discard)
@@ -997,20 +1154,27 @@ class JobManager:
         last = live.last_iterate
         if last is not None and event.iteration <= last.iteration:
             return
-        iterate = pb.Iterate(
-            iteration=event.iteration,
-            f=event.f,
-            grad_norm=event.grad_norm,
-            step_size=event.step_size,
-            nfev=event.nfev,
-            njev=event.njev,
-            elapsed_s=event.elapsed_s,
-        )
+        # As _emit(live, iterate=...), built in place: a small solve's forty iterates are
+        # most of the gateway's work for it.
+        job = live.job
+        job.last_seq += 1
+        out = pb.JobEvent(job_id=job.job_id, seq=job.last_seq)
+        iterate = out.iterate
+        iterate.iteration = event.iteration
+        iterate.f = event.f
+        iterate.grad_norm = event.grad_norm
+        iterate.step_size = event.step_size
+        iterate.nfev = event.nfev
+        iterate.njev = event.njev
+        iterate.elapsed_s = event.elapsed_s
+        _now(out.time)
         if event.x is not None:
             iterate.x.CopyFrom(encode_tensor(event.x))
             live.last_x = iterate.x
         live.last_iterate = iterate
-        self._emit(live, iterate=iterate)
+        live.events.append(out)
+        self._pending_events.append(out)
+        self._dirty[job.job_id] = live
 
     @staticmethod
     def stored_events(live: _LiveJob) -> list[pb.JobEvent]:

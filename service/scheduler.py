@@ -428,6 +428,20 @@ class Scheduler:
             log.error("job %s: worker task failed: %s", spec.job_id, exc)
             yield [FailureEvent("INTERNAL", "the solver worker failed")]
 
+    async def run_quick(self, worker: _Worker, spec: RunSpec, budget_s: float) -> list[WorkerEvent]:
+        """The job's events from one plain actor call (SolverWorker.run_quick): all of them,
+        or those of its first `budget_s` seconds ending with a CheckpointEvent to go on from
+        with `stream`."""
+        try:
+            return await worker.actor.run_quick.remote(spec, budget_s)
+        except (ray.exceptions.RayActorError, ray.exceptions.WorkerCrashedError,
+                ray.exceptions.ObjectLostError) as exc:
+            raise WorkerLost(f"the worker running job {spec.job_id} died: "
+                             f"{type(exc).__name__}") from exc
+        except ray.exceptions.RayTaskError as exc:
+            log.error("job %s: worker task failed: %s", spec.job_id, exc)
+            return [FailureEvent("INTERNAL", "the solver worker failed")]
+
     async def cancel(self, worker: _Worker, job_id: str) -> None:
         await worker.actor.cancel.remote(job_id)
 

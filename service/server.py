@@ -29,6 +29,7 @@ from service.jobs import JobManager
 from service.metrics import Metrics, MetricsInterceptor
 from service.scheduler import RayCluster, Scheduler
 from service.servicer import OptimizerServicer
+from service.solver_pool import SolverPool
 from service.store import open_store
 from service.training import TrainingJobs
 from service.validation import Limits
@@ -77,6 +78,9 @@ class GatewayConfig:
     # how often a job may lose its worker and resume from that checkpoint.
     checkpoint_interval_s: float = 1.0
     max_worker_restarts: int = 3
+    # Small solves start in the gateway's own solver processes (service.solver_pool): this
+    # many; None: as many as the Ray workers; 0: none (they start on Ray).
+    solver_processes: int | None = None
     limits: Limits = field(default_factory=Limits)
     callbacks: CallbackSettings = field(default_factory=CallbackSettings)
 
@@ -151,6 +155,7 @@ class Gateway:
         self._store = None
         self._ray: RayCluster | None = None
         self._scheduler: Scheduler | None = None
+        self._pool: SolverPool | None = None
         self.jobs: JobManager | None = None
         self._server: grpc.aio.Server | None = None
         self._health = health.aio.HealthServicer()
@@ -183,8 +188,12 @@ class Gateway:
         from workers.batch_runner import warm_up_batch
 
         gateway_warm = asyncio.create_task(asyncio.to_thread(warm_up_batch))
+        pool_size = workers if config.solver_processes is None else config.solver_processes
+        pool_start = asyncio.create_task(self._start_pool(pool_size)) if pool_size > 0 else None
         warm_s = await self._scheduler.start()
         await gateway_warm
+        if pool_start is not None:
+            self._pool = await pool_start
         log.info(
             "ray ready",
             extra={"ray_address": self._ray.address, "embedded": self._ray.embedded,
@@ -194,14 +203,17 @@ class Gateway:
             self._store, self._scheduler, self.metrics, config.limits,
             trusted=config.trust_code, cancel_grace_s=config.cancel_grace_s,
             checkpoint_interval_s=config.checkpoint_interval_s,
-            max_worker_restarts=config.max_worker_restarts,
+            max_worker_restarts=config.max_worker_restarts, pool=self._pool,
         )
         settled = await self.jobs.start()
         if settled:
             log.warning("settled jobs of a previous gateway", extra={"jobs": settled})
 
-        self.metrics.queue_depth.set_function(lambda: self._scheduler.queue_depth)
-        self.metrics.running_jobs.set_function(lambda: self._scheduler.running)
+        pool = self._pool
+        self.metrics.queue_depth.set_function(
+            lambda: self._scheduler.queue_depth + (pool.queue_depth if pool else 0))
+        self.metrics.running_jobs.set_function(
+            lambda: self._scheduler.running + (pool.running if pool else 0))
 
         limit = config.limits.max_message_bytes
         # Metrics first, so that refused calls are counted with their code.
@@ -279,6 +291,18 @@ class Gateway:
                    "tls": "mutual" if config.tls_client_ca else config.tls_cert is not None},
         )
 
+    async def _start_pool(self, size: int) -> SolverPool | None:
+        """The small-solve pool, warm; None (small solves start on Ray) if it cannot start."""
+        pool = SolverPool(size)
+        try:
+            await pool.start()
+        except Exception as exc:
+            log.warning("the gateway's solver pool did not start; small solves go to Ray",
+                        extra={"reason": f"{type(exc).__name__}: {exc}"})
+            await pool.stop()
+            return None
+        return pool
+
     @property
     def dashboard_url(self) -> str | None:
         return self._dashboard.url if self._dashboard is not None else None
@@ -304,6 +328,9 @@ class Gateway:
         if self.jobs is not None:
             await self.jobs.stop()
             self.jobs = None
+        if self._pool is not None:
+            await self._pool.stop()
+            self._pool = None
         if self._scheduler is not None:
             await self._scheduler.stop()
             self._scheduler = None

@@ -79,6 +79,20 @@ class JobStore(abc.ABC):
         transaction (the batched write path: many jobs' iterate events cost one commit). A job
         written in a terminal state loses its checkpoint."""
 
+    def commit(
+        self,
+        new_jobs: Sequence[NewJob],
+        jobs: Iterable[pb.Job],
+        events: Iterable[pb.JobEvent],
+        checkpoints: Mapping[str, bytes] | None = None,
+    ) -> list[pb.Job]:
+        """`create_jobs(new_jobs)` and `write(jobs, events, checkpoints)` in one transaction,
+        durable as create_jobs is (a group commit: the gateway's submits and results of a
+        moment share it). All or nothing. Returns what create_jobs returns."""
+        created = self.create_jobs(new_jobs)  # stores that have no one transaction for both
+        self.write(jobs, events, checkpoints)
+        return created
+
     @abc.abstractmethod
     def checkpoint(self, job_id: str) -> bytes | None:
         """The job's latest solver checkpoint (safetensors bytes), if any."""
@@ -131,24 +145,41 @@ class InMemoryJobStore(JobStore):
         self._next_ordinal = 1
 
     def create_jobs(self, new_jobs: Sequence[NewJob]) -> list[pb.Job]:
-        created = []
         with self._lock:
-            for new in new_jobs:
-                if new.idempotency_key and new.idempotency_key in self._keys:
-                    created.append(_copy(self._jobs[self._keys[new.idempotency_key]]))
-                    continue
-                job_id = new.job.job_id
-                if job_id in self._jobs:
-                    raise ValueError(f"job_id: {job_id} already exists")
-                self._jobs[job_id] = _copy(new.job)
-                self._ordinal[job_id] = self._next_ordinal
-                self._next_ordinal += 1
-                self._problems[job_id] = new.problem
-                if new.idempotency_key:
-                    self._keys[new.idempotency_key] = job_id
-                self._events[job_id] = [_copy(e) for e in new.first_events]
-                created.append(_copy(new.job))
+            return self._create_jobs(new_jobs)
+
+    def _create_jobs(self, new_jobs: Sequence[NewJob]) -> list[pb.Job]:
+        created = []
+        for new in new_jobs:
+            if new.idempotency_key and new.idempotency_key in self._keys:
+                created.append(_copy(self._jobs[self._keys[new.idempotency_key]]))
+                continue
+            job_id = new.job.job_id
+            if job_id in self._jobs:
+                raise ValueError(f"job_id: {job_id} already exists")
+            self._jobs[job_id] = _copy(new.job)
+            self._ordinal[job_id] = self._next_ordinal
+            self._next_ordinal += 1
+            self._problems[job_id] = new.problem
+            if new.idempotency_key:
+                self._keys[new.idempotency_key] = job_id
+            self._events[job_id] = [_copy(e) for e in new.first_events]
+            created.append(_copy(new.job))
         return created
+
+    def commit(self, new_jobs, jobs, events, checkpoints=None):
+        with self._lock:
+            saved = (dict(self._jobs), dict(self._ordinal), dict(self._problems),
+                     dict(self._keys), {k: list(v) for k, v in self._events.items()},
+                     dict(self._checkpoints), self._next_ordinal)
+            try:
+                created = self._create_jobs(new_jobs)
+                self._write(list(jobs), list(events), checkpoints)
+            except BaseException:
+                (self._jobs, self._ordinal, self._problems, self._keys, self._events,
+                 self._checkpoints, self._next_ordinal) = saved
+                raise
+            return created
 
     def get_job(self, job_id: str) -> pb.Job | None:
         with self._lock:
@@ -182,27 +213,30 @@ class InMemoryJobStore(JobStore):
     def write(self, jobs, events, checkpoints=None):
         jobs, events = list(jobs), list(events)
         with self._lock:
-            # Check everything before changing anything, so a bad write changes nothing.
-            for job in jobs:
-                if job.job_id not in self._jobs:
-                    raise KeyError(job.job_id)
-            last_seq = {}
-            for event in events:
-                log = self._events.get(event.job_id)
-                if log is None:
-                    raise KeyError(event.job_id)
-                previous = last_seq.get(event.job_id, log[-1].seq if log else 0)
-                if event.seq <= previous:
-                    raise ValueError(f"event {event.job_id}#{event.seq}: seq already stored")
-                last_seq[event.job_id] = event.seq
-            for job in jobs:
-                self._jobs[job.job_id] = _copy(job)
-            for event in events:
-                self._events[event.job_id].append(_copy(event))
-            self._checkpoints.update(checkpoints or {})
-            for job in jobs:
-                if job.state in TERMINAL_STATES:
-                    self._checkpoints.pop(job.job_id, None)
+            self._write(jobs, events, checkpoints)
+
+    def _write(self, jobs, events, checkpoints=None):
+        # Check everything before changing anything, so a bad write changes nothing.
+        for job in jobs:
+            if job.job_id not in self._jobs:
+                raise KeyError(job.job_id)
+        last_seq = {}
+        for event in events:
+            log = self._events.get(event.job_id)
+            if log is None:
+                raise KeyError(event.job_id)
+            previous = last_seq.get(event.job_id, log[-1].seq if log else 0)
+            if event.seq <= previous:
+                raise ValueError(f"event {event.job_id}#{event.seq}: seq already stored")
+            last_seq[event.job_id] = event.seq
+        for job in jobs:
+            self._jobs[job.job_id] = _copy(job)
+        for event in events:
+            self._events[event.job_id].append(_copy(event))
+        self._checkpoints.update(checkpoints or {})
+        for job in jobs:
+            if job.state in TERMINAL_STATES:
+                self._checkpoints.pop(job.job_id, None)
 
     def checkpoint(self, job_id):
         with self._lock:
@@ -281,36 +315,46 @@ class SQLiteJobStore(JobStore):
             self._db.close()
 
     def create_jobs(self, new_jobs):
-        created = []
         with self._lock, _transaction(self._db, durable=True):
-            for new in new_jobs:
-                if new.idempotency_key:
-                    row = self._db.execute(
-                        "SELECT record FROM jobs WHERE idempotency_key = ?",
-                        (new.idempotency_key,),
-                    ).fetchone()
-                    if row is not None:
-                        created.append(pb.Job.FromString(row[0]))
-                        continue
-                try:
-                    self._db.execute(
-                        "INSERT INTO jobs (job_id, state, method, batch_id, idempotency_key,"
-                        " record, problem, owner) VALUES (?, ?, ?, ?, ?, ?, ?, ?)",
-                        (
-                            new.job.job_id,
-                            new.job.state,
-                            new.job.method,
-                            new.job.batch_id,
-                            new.idempotency_key or None,
-                            new.job.SerializeToString(),
-                            new.problem,
-                            new.job.owner,
-                        ),
-                    )
-                except sqlite3.IntegrityError as exc:
-                    raise ValueError(f"job_id: {new.job.job_id} already exists") from exc
-                self._insert_events(new.first_events)
-                created.append(_copy(new.job))
+            return self._create_jobs(new_jobs)
+
+    def commit(self, new_jobs, jobs, events, checkpoints=None):
+        new_jobs, jobs, events = list(new_jobs), list(jobs), list(events)
+        with self._lock, _transaction(self._db, durable=bool(new_jobs)):
+            created = self._create_jobs(new_jobs)
+            self._write(jobs, events, checkpoints)
+        return created
+
+    def _create_jobs(self, new_jobs):
+        created = []
+        for new in new_jobs:
+            if new.idempotency_key:
+                row = self._db.execute(
+                    "SELECT record FROM jobs WHERE idempotency_key = ?",
+                    (new.idempotency_key,),
+                ).fetchone()
+                if row is not None:
+                    created.append(pb.Job.FromString(row[0]))
+                    continue
+            try:
+                self._db.execute(
+                    "INSERT INTO jobs (job_id, state, method, batch_id, idempotency_key,"
+                    " record, problem, owner) VALUES (?, ?, ?, ?, ?, ?, ?, ?)",
+                    (
+                        new.job.job_id,
+                        new.job.state,
+                        new.job.method,
+                        new.job.batch_id,
+                        new.idempotency_key or None,
+                        new.job.SerializeToString(),
+                        new.problem,
+                        new.job.owner,
+                    ),
+                )
+            except sqlite3.IntegrityError as exc:
+                raise ValueError(f"job_id: {new.job.job_id} already exists") from exc
+            self._insert_events(new.first_events)
+            created.append(_copy(new.job))
         return created
 
     def get_job(self, job_id):
@@ -356,22 +400,25 @@ class SQLiteJobStore(JobStore):
         if not jobs and not events and not checkpoints:
             return
         with self._lock, _transaction(self._db):
-            for job in jobs:
-                cursor = self._db.execute(
-                    "UPDATE jobs SET state = ?, record = ? WHERE job_id = ?",
-                    (job.state, job.SerializeToString(), job.job_id),
-                )
-                if cursor.rowcount == 0:
-                    raise KeyError(job.job_id)
-            self._insert_events(events)
-            if checkpoints:
-                self._db.executemany(
-                    "INSERT OR REPLACE INTO checkpoints (job_id, state) VALUES (?, ?)",
-                    list(checkpoints.items()),
-                )
-            finished = [(job.job_id,) for job in jobs if job.state in TERMINAL_STATES]
-            if finished:
-                self._db.executemany("DELETE FROM checkpoints WHERE job_id = ?", finished)
+            self._write(jobs, events, checkpoints)
+
+    def _write(self, jobs, events, checkpoints=None):
+        for job in jobs:
+            cursor = self._db.execute(
+                "UPDATE jobs SET state = ?, record = ? WHERE job_id = ?",
+                (job.state, job.SerializeToString(), job.job_id),
+            )
+            if cursor.rowcount == 0:
+                raise KeyError(job.job_id)
+        self._insert_events(events)
+        if checkpoints:
+            self._db.executemany(
+                "INSERT OR REPLACE INTO checkpoints (job_id, state) VALUES (?, ?)",
+                list(checkpoints.items()),
+            )
+        finished = [(job.job_id,) for job in jobs if job.state in TERMINAL_STATES]
+        if finished:
+            self._db.executemany("DELETE FROM checkpoints WHERE job_id = ?", finished)
 
     def checkpoint(self, job_id):
         with self._lock:

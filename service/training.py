@@ -77,6 +77,7 @@ def validate_train_request(request: pb.TrainRequest, limits: Limits, *, trusted:
     from workers.training.distributed import JOB_KEYS
     from workers.training.loop import TrainSpec, check_model_plan
     from workers.training.models import build_model, is_code_model, parse_model_spec
+    from workers.training.planner import is_auto_zero, resolve_auto_zero
 
     raw = json_format.MessageToDict(request.spec)
     spec = _integers(raw)
@@ -107,6 +108,13 @@ def validate_train_request(request: pb.TrainRequest, limits: Limits, *, trusted:
         require_code_trust(f"spec.model.kind {spec['model']['kind']!r}", trusted=trusted,
                            instead="name a zoo model (mlp, cnn, autoencoder, transformer)")
     train_spec = {k: v for k, v in spec.items() if k not in JOB_KEYS}
+    if is_auto_zero(train_spec):  # the planner picks the stage for this many workers now
+        try:
+            train_spec, plan = resolve_auto_zero(train_spec, workers)
+        except ValueError as exc:
+            raise ValueError(f"spec: {exc}") from None
+        spec = {**spec, "scaling": train_spec["scaling"]}
+        log.info("zero_stage auto resolved", extra={"reason": plan.reason})
     try:
         parsed = TrainSpec.parse(train_spec)
         parse_model_spec(parsed.model)

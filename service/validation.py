@@ -15,6 +15,8 @@ PermissionError. Nothing is created before this passes.
 from __future__ import annotations
 
 import math
+import threading
+from collections import OrderedDict
 from dataclasses import dataclass, field
 
 import numpy as np
@@ -36,6 +38,8 @@ from workers.objectives import (
 )
 from workers.runner import RunSpec
 from workers.solvers import canonical_method, check_problem, parse_options
+from workers.solvers._auto import Facts, choose_batch, is_auto, validation_method
+from workers.solvers._methods import MethodInfo
 from workers.solvers.batched import BATCH_METHODS, check_batch_problem
 
 _WIRE_DTYPES = {
@@ -145,6 +149,7 @@ class BatchSolveSpec:
     chunk_size: int = 0  # the caller's; 0: the server's default
     labels: dict[str, str] = field(default_factory=dict)
     report_x_every: int = 0  # batches report counts, never x (kept for the job code)
+    method_reason: str = ""  # method "auto": why `method` (Result.method_reason)
 
     @property
     def n(self) -> int:
@@ -324,24 +329,28 @@ def validate_problem(
     )
 
     data = _tensor_specs(objective.data, f"{where}.objective.data")
-    objective_limits = ObjectiveLimits(
-        max_dimension=limits.max_dimension,
-        expression=ExpressionLimits(max_source_chars=limits.max_expression_length),
-    )
-    try:
-        build_objective(
-            kind=kind,
-            source=source,
-            blob=blob,
-            data=data,
-            x0=x0_tensor,
-            trusted=trusted,
-            limits=objective_limits,
+    key = _checked_key(kind, source, data, x0_tensor, limits)
+    if key is None or not _checked_before(key):
+        objective_limits = ObjectiveLimits(
+            max_dimension=limits.max_dimension,
+            expression=ExpressionLimits(max_source_chars=limits.max_expression_length),
         )
-    except ObjectiveError as exc:
-        raise ValueError(f"{where}.{exc}") from None
-    except UntrustedCodeError as exc:
-        raise PermissionError(f"{where}.objective.{kind}: {exc}") from None
+        try:
+            build_objective(
+                kind=kind,
+                source=source,
+                blob=blob,
+                data=data,
+                x0=x0_tensor,
+                trusted=trusted,
+                limits=objective_limits,
+            )
+        except ObjectiveError as exc:
+            raise ValueError(f"{where}.{exc}") from None
+        except UntrustedCodeError as exc:
+            raise PermissionError(f"{where}.objective.{kind}: {exc}") from None
+        if key is not None:
+            _remember_checked(key)
 
     return SolveSpec(
         objective_kind=kind,
@@ -358,6 +367,46 @@ def validate_problem(
         report_x_every=problem.report_x_every,
         labels=dict(problem.labels),
     )
+
+
+# Expressions (and residuals) that passed build_objective, so that a caller solving the same
+# one again skips its compile and probes (about 1.3 ms of a small solve's 10). Whether an
+# expression builds depends only on its source, n, dtype and data (the DSL has no branching on
+# values: the probe at x0 finds shape errors, which the meta run already found), so those, with
+# the data's bytes compared in full and the limits, are the key. Bounded like the workers'
+# objective cache: small data only, least recently used out first.
+_CHECKED_MAX_ENTRIES = 256
+_CHECKED_MAX_DATA_BYTES = 1 << 20
+_checked: OrderedDict[tuple, bool] = OrderedDict()
+_checked_lock = threading.Lock()
+
+
+def _checked_key(kind: str, source: str, data: list[TensorSpec], x0: torch.Tensor,
+                 limits: Limits) -> tuple | None:
+    if kind not in ("expression", "residual"):
+        return None
+    if sum(len(spec.raw) for spec in data) > _CHECKED_MAX_DATA_BYTES:
+        return None
+    return (
+        kind, source, x0.numel(), str(x0.dtype), limits.max_dimension,
+        limits.max_expression_length,
+        tuple((spec.name, tuple(spec.shape), spec.dtype, bytes(spec.raw)) for spec in data),
+    )
+
+
+def _checked_before(key: tuple) -> bool:
+    with _checked_lock:
+        if key in _checked:
+            _checked.move_to_end(key)
+            return True
+    return False
+
+
+def _remember_checked(key: tuple) -> None:
+    with _checked_lock:
+        _checked[key] = True
+        while len(_checked) > _CHECKED_MAX_ENTRIES:
+            _checked.popitem(last=False)
 
 
 def _tensor_specs(named_tensors, where: str) -> list[TensorSpec]:
@@ -408,7 +457,16 @@ def _device(problem: pb.Problem, where: str) -> str:
     return device
 
 
+# method "auto" is resolved where the objective is evaluated (workers.solvers._auto: the
+# worker, or the gateway's solver pool for callbacks): its probes time evaluations on the
+# job's own device. Here it is checked as l-bfgs(-b) would be, which takes whatever any
+# method auto may pick takes; a batch's "auto" is resolved here, by the rules alone.
+AUTO_METHOD = MethodInfo("auto", bounds=True)
+
+
 def _method(problem: pb.Problem, where: str, kind: str, bounded: bool):
+    if is_auto(problem.method):
+        return AUTO_METHOD
     if problem.method:
         try:
             method = canonical_method(problem.method)
@@ -452,10 +510,18 @@ def _check_common(problem: pb.Problem, limits: Limits, where: str, kind: str):
     bounds = None
     if lower is not None:
         bounds = (torch.from_numpy(lower), torch.from_numpy(upper))
-    try:
-        check_problem(method.name, x0_tensor, bounds, options)
-    except ValueError as exc:
-        raise ValueError(f"{where}: {exc}") from None
+    solver_method = validation_method(method.name, bounds is not None)
+    # Without bounds, what check_problem finds depends on x0 only through its size, dtype and
+    # finiteness: a combination seen before needs only the (numpy) finiteness test.
+    seen = None if bounds is not None else (
+        solver_method, repr(sorted(options.items())), x0.size, solve_dtype)
+    if seen is None or not _checked_before(seen) or not bool(np.isfinite(x0).all()):
+        try:
+            check_problem(solver_method, x0_tensor, bounds, options)
+        except ValueError as exc:
+            raise ValueError(f"{where}: {exc}") from None
+        if seen is not None:
+            _remember_checked(seen)
     return x0, lower, upper, method, options, solve_dtype, x0_tensor, device
 
 
@@ -533,6 +599,11 @@ def _validate_batch(
                             for b in (lower, upper))
 
     method = _method(problem, where, kind, lower is not None)
+    reason = ""
+    if method is AUTO_METHOD:
+        choice = choose_batch(Facts(n=n, bounded=lower is not None, batch=members,
+                                    residuals=0 if kind == "residual" else None))
+        method, reason = canonical_method(choice.method), choice.reason
     if method.name not in BATCH_METHODS:
         raise ValueError(
             f"{where}.method: {method.name!r} has no batch engine; batch solves run"
@@ -598,6 +669,7 @@ def _validate_batch(
         device=device,
         chunk_size=int(batch.chunk_size),
         labels=dict(problem.labels),
+        method_reason=reason,
     )
 
 
@@ -617,6 +689,8 @@ def method_filter(method: str) -> str:
     """A ListJobs method filter in canonical spelling ("L-BFGS" finds l-bfgs jobs)."""
     if not method:
         return ""
+    if is_auto(method):
+        return "auto"
     try:
         return canonical_method(method).name
     except ValueError as exc:

@@ -31,6 +31,7 @@ from workers.objectives import (
 from workers.solvers import (
     IterationDone,
     LocalEvaluator,
+    NumpyEvaluator,
     Solve,
     state_from_bytes,
     state_to_bytes,
@@ -90,6 +91,8 @@ class ResultEvent:
     success: bool
     message: str
     solve_time_s: float
+    method_chosen: str = ""  # method "auto": the method that ran, and why (one line)
+    method_reason: str = ""
 
 
 @dataclass(frozen=True)
@@ -157,6 +160,34 @@ def _objective_for(spec: RunSpec, x0: torch.Tensor) -> Objective:
     return objective
 
 
+def _auto_solve(spec: RunSpec, objective: Objective, x0: torch.Tensor, bounds, initial_state,
+                should_stop):
+    """method "auto": the method is picked here, on the worker, by probes at x0 on the
+    job's own device (workers.solvers._auto); the result says which and why."""
+    from workers.solvers._auto import make_solve
+    from workers.solvers._small import SMALL_N_MAX
+
+    residual = objective.residual if spec.objective_kind == "residual" else None
+    m = None
+    if residual is not None:
+        with torch.no_grad():
+            m = int(residual(x0).numel())
+    # Second derivatives by autograd are certain for expressions only; trusted code may
+    # hide a numpy gradient or an op without a double backward.
+    solve = make_solve("auto", x0, bounds=bounds, options=spec.options,
+                       initial_state=initial_state, should_stop=should_stop, small=True,
+                       residuals=m, second_order=spec.objective_kind in ("expression",
+                                                                         "residual"))
+    torch_evaluator = (LocalEvaluator(residual=residual) if residual is not None
+                       else LocalEvaluator(objective.fun))
+    numpy_evaluator = None
+    if x0.numel() <= SMALL_N_MAX and bounds is None:
+        program = objective.numpy_program(x0)
+        if program is not None:
+            numpy_evaluator = NumpyEvaluator(program.value, program.value_and_grad)
+    return solve, solve.evaluator(torch_evaluator, numpy_evaluator)
+
+
 def run_solve(
     spec: RunSpec,
     emit: Callable[[WorkerEvent], None],
@@ -168,11 +199,18 @@ def run_solve(
 
 
 def iter_solve(
-    spec: RunSpec, should_stop: Callable[[], bool] = lambda: False
+    spec: RunSpec,
+    should_stop: Callable[[], bool] = lambda: False,
+    suspend_after_s: float | None = None,
 ) -> Iterator[WorkerEvent]:
     """One solve as a generator of events: iterates (and checkpoints), then one result or
     failure. The solver is driven here, on the caller's thread: no second thread competes for
     the GIL with it.
+
+    With `suspend_after_s`, a solve still running after that many seconds of this thread's CPU
+    time ends with a CheckpointEvent of where it stands instead (no result): resumed from it
+    (RunSpec.checkpoint) it goes on with the same iterates. CPU time, not wall time: on a
+    loaded machine the same small solve must not be cut short and sent elsewhere.
 
     Never raises for a bad problem or a solver error: those become a FailureEvent (the gateway
     decides what the client sees; tracebacks stay in the worker log).
@@ -205,16 +243,26 @@ def iter_solve(
     every = spec.report_x_every
     interval = spec.checkpoint_interval_s
     last_checkpoint = time.monotonic()
+    started_cpu = time.thread_time()
     try:
         # should_stop is asked before every evaluation, so a cancel lands mid line search.
-        if spec.method in LEAST_SQUARES_METHODS:
+        if spec.method == "auto":
+            solve, evaluator = _auto_solve(spec, objective, x0, bounds, initial_state,
+                                           should_stop)
+        elif spec.method in LEAST_SQUARES_METHODS:
             solve = Solve(spec.method, x0, options=spec.options, initial_state=initial_state,
                           should_stop=should_stop)
             evaluator = LocalEvaluator(residual=objective.residual)
         else:
+            # A tiny CPU float64 problem runs on numpy (workers.solvers._small), its
+            # expression too when the numpy reading of it covers it.
             solve = Solve(spec.method, x0, bounds=bounds, options=spec.options,
-                          initial_state=initial_state, should_stop=should_stop)
-            evaluator = LocalEvaluator(objective.fun)
+                          initial_state=initial_state, should_stop=should_stop, small=True)
+            program = objective.numpy_program(x0) if solve.small else None
+            evaluator = solve.evaluator(
+                LocalEvaluator(objective.fun),
+                NumpyEvaluator(program.value, program.value_and_grad) if program else None,
+            )
         run = solve.run()
         item = next(run)
         while True:
@@ -237,6 +285,9 @@ def iter_solve(
                 x=_to_numpy(info.x) if every > 0 and info.nit % every == 0 else None,
             )
             now = time.monotonic()
+            if suspend_after_s is not None and time.thread_time() - started_cpu >= suspend_after_s:
+                yield CheckpointEvent(state.nit, state_to_bytes(state))
+                return
             if interval > 0 and now - last_checkpoint >= interval:
                 # Time-based: a checkpoint costs a copy of the state (2mn numbers for L-BFGS).
                 last_checkpoint = now
@@ -263,6 +314,8 @@ def iter_solve(
         success=bool(result.success),
         message=result.message,
         solve_time_s=float(result.solve_time_s),
+        method_chosen=result.method_chosen,
+        method_reason=result.method_reason,
     )
 
 
@@ -316,6 +369,20 @@ class SolverWorker:
     def cancel(self, job_id: str) -> None:
         with self._stops_lock:
             self._stops.setdefault(job_id, threading.Event()).set()
+
+    def run_quick(self, spec: RunSpec, budget_s: float) -> list[WorkerEvent]:
+        """The job in one plain call, for at most `budget_s` seconds of solving: all its events,
+        ending with its result or failure; or, when the time is up, with a CheckpointEvent of
+        where it stands, from which `run` continues it (iter_solve's suspend_after_s). A
+        small solve so costs one actor call, not a streaming generator's start and end
+        (about 1 ms here); its events come at the end, as `run`'s first batch would."""
+        with self._stops_lock:
+            stop = self._stops.setdefault(spec.job_id, threading.Event())
+        events = list(iter_solve(spec, stop.is_set, suspend_after_s=budget_s))
+        if events and not isinstance(events[-1], CheckpointEvent):
+            with self._stops_lock:  # ended; a suspended job keeps its stop event for `run`
+                self._stops.pop(spec.job_id, None)
+        return events
 
     def run(self, spec) -> Iterator[list[WorkerEvent]]:
         """Streams the job's events in batches, at most one batch per `BATCH_INTERVAL_S`.

@@ -17,7 +17,7 @@ from secant._errors import SecantError
 from secant._problem import Bounds, Expression, Pickled, Residual, TorchExport, build_problem
 from secant._result import IterateRecord, JobState, OptimizeResult, Status, plot_history
 from secant._tensors import from_tensor, to_tensor
-from secant._training import TrainRun
+from secant._training import MemoryPlan, PlanRow, TrainRun
 
 __version__ = "0.1.0"
 
@@ -37,8 +37,10 @@ __all__ = [
     "IterateRecord",
     "Job",
     "JobState",
+    "MemoryPlan",
     "OptimizeResult",
     "Pickled",
+    "PlanRow",
     "Residual",
     "RetryPolicy",
     "SecantError",

@@ -31,10 +31,12 @@ from secant._core import (
     progress_total,
     tls_from_env,
     token_from_env,
+    unbundled,
 )
 from secant._errors import SecantError, from_rpc_error
 from secant._problem import DataLike, Objective, build_problem
 from secant._result import JobState, OptimizeResult
+from secant._training import MemoryPlan, build_plan_request
 from secant.v1 import optimizer_pb2 as pb
 from secant.v1 import optimizer_pb2_grpc as pb_grpc
 
@@ -92,7 +94,8 @@ class AsyncClient:
             async for _ in self._follow(
                 tracker,
                 lambda remaining: self._stub.Solve(
-                    pb.SolveRequest(problem=problem), metadata=self._metadata, timeout=remaining
+                    pb.SolveRequest(problem=problem, coalesce_events=True),
+                    metadata=self._metadata, timeout=remaining,
                 ),
                 deadline,
                 timeout,
@@ -220,6 +223,22 @@ class AsyncClient:
         """The job's events with seq > after_seq, then live ones until it ends."""
         return AsyncJob(self, job_id).events(after_seq=after_seq)
 
+    async def plan(
+        self,
+        model: Mapping[str, Any] | None = None,
+        *,
+        workers: int | None = None,
+        batch: int | None = None,
+        precision: str | None = None,
+        amp: bool = False,
+        budget: int | str | None = None,
+        spec: Mapping[str, Any] | str | None = None,
+    ) -> MemoryPlan:
+        """A training job's memory plan, as ``Client.plan``."""
+        request = build_plan_request(model, spec=spec, workers=workers, batch=batch,
+                                     precision=precision, amp=amp, budget=budget)
+        return MemoryPlan.from_proto(await self._unary(self._stub.Plan, request))
+
     async def close(self) -> None:
         """Closes the channel; streams in flight end with CANCELLED."""
         await self._channel.close()
@@ -240,7 +259,7 @@ class AsyncClient:
             raise from_rpc_error(exc) from None
 
     def _watch_call(self, job_id: str, after_seq: int, remaining: float | None) -> Any:
-        request = pb.WatchRequest(job_id=job_id, after_seq=after_seq)
+        request = pb.WatchRequest(job_id=job_id, after_seq=after_seq, coalesce_events=True)
         return self._stub.Watch(request, metadata=self._metadata, timeout=remaining)
 
     async def _follow(
@@ -255,12 +274,13 @@ class AsyncClient:
         call = open_first(resumer.remaining())
         while True:
             try:
-                async for event in call:
-                    if tracker.accept(event):
-                        resumer.progressed()
-                        yield event
-                    if tracker.done:
-                        return
+                async for message in call:
+                    for event in unbundled(message):
+                        if tracker.accept(event):
+                            resumer.progressed()
+                            yield event
+                        if tracker.done:
+                            return
                 resumer.on_clean_end()
                 tracker.accept_job((await self.get_job(tracker.job_id)).info)
                 if tracker.done:

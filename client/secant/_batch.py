@@ -335,6 +335,8 @@ class BatchSolveResult:
     solve_time_s: float = 0.0
     converged: int = 0
     history: list[IterateRecord] = field(default_factory=list, repr=False)
+    method_chosen: str = ""  # method="auto": the batch engine's method, and why
+    method_reason: str = ""
 
     def __len__(self) -> int:
         return int(self.fun.shape[0])
@@ -472,6 +474,8 @@ class BatchSolveResult:
             solve_time_s=float(result.solve_time_s),
             converged=converged,
             history=list(history or []),
+            method_chosen=result.method_chosen,
+            method_reason=result.method_reason,
         )
 
 

@@ -27,11 +27,19 @@ from secant._core import (
     progress_total,
     tls_from_env,
     token_from_env,
+    unbundled,
 )
 from secant._errors import SecantError, from_rpc_error
 from secant._problem import DataLike, Objective, build_problem
 from secant._result import JobState, OptimizeResult
-from secant._training import TrainRun, build_train_request, collect_training, load_train_spec
+from secant._training import (
+    MemoryPlan,
+    TrainRun,
+    build_plan_request,
+    build_train_request,
+    collect_training,
+    load_train_spec,
+)
 from secant.v1 import optimizer_pb2 as pb
 from secant.v1 import optimizer_pb2_grpc as pb_grpc
 
@@ -123,7 +131,8 @@ class Client:
             for _ in self._follow(
                 tracker,
                 lambda remaining: self._stub.Solve(
-                    pb.SolveRequest(problem=problem), metadata=self._metadata, timeout=remaining
+                    pb.SolveRequest(problem=problem, coalesce_events=True),
+                    metadata=self._metadata, timeout=remaining,
                 ),
                 deadline,
                 timeout,
@@ -226,6 +235,28 @@ class Client:
         finally:
             if bar is not None:
                 bar.close()
+
+    def plan(
+        self,
+        model: Mapping[str, Any] | None = None,
+        *,
+        workers: int | None = None,
+        batch: int | None = None,
+        precision: str | None = None,
+        amp: bool = False,
+        budget: int | str | None = None,
+        spec: Mapping[str, Any] | str | None = None,
+        timeout: float | None = None,
+    ) -> MemoryPlan:
+        """The memory plan of a training job, before it runs: per ZeRO stage 0-3, with and
+        without activation checkpointing and gradient accumulation, the parameter, gradient,
+        optimizer-state and activation bytes one worker holds, and the configuration that
+        fits ``budget`` (bytes or "16GiB" per worker; default the spec's or the server's)
+        at the lowest step time. ``model`` is a zoo model dict; or pass a training ``spec``
+        (a dict or YAML file). ``precision`` fp32 | bf16 | fp16 (``amp=True``: bf16)."""
+        request = build_plan_request(model, spec=spec, workers=workers, batch=batch,
+                                     precision=precision, amp=amp, budget=budget)
+        return MemoryPlan.from_proto(self._unary(self._stub.Plan, request, timeout))
 
     def _artifact(self, job_id: str, name: str) -> bytes:
         return self._unary(
@@ -402,7 +433,7 @@ class Client:
             raise from_rpc_error(exc) from None
 
     def _watch_call(self, job_id: str, after_seq: int, remaining: float | None) -> Any:
-        request = pb.WatchRequest(job_id=job_id, after_seq=after_seq)
+        request = pb.WatchRequest(job_id=job_id, after_seq=after_seq, coalesce_events=True)
         return self._stub.Watch(request, metadata=self._metadata, timeout=remaining)
 
     def _follow(
@@ -421,12 +452,13 @@ class Client:
         call = open_first(resumer.remaining())
         while True:
             try:
-                for event in call:
-                    if tracker.accept(event):
-                        resumer.progressed()
-                        yield event
-                    if tracker.done:
-                        return
+                for message in call:
+                    for event in unbundled(message):
+                        if tracker.accept(event):
+                            resumer.progressed()
+                            yield event
+                        if tracker.done:
+                            return
                 resumer.on_clean_end()
                 tracker.accept_job(self.get_job(tracker.job_id).info)
                 if tracker.done:

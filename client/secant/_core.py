@@ -502,4 +502,19 @@ class StreamResumer:
         return delay
 
     def watch_request(self) -> pb.WatchRequest:
-        return pb.WatchRequest(job_id=self.tracker.job_id, after_seq=self.tracker.last_seq)
+        return pb.WatchRequest(
+            job_id=self.tracker.job_id, after_seq=self.tracker.last_seq, coalesce_events=True
+        )
+
+
+def unbundled(message: pb.JobEvent) -> tuple[pb.JobEvent, ...]:
+    """The events one stream message carries: itself, then those it brought along in `more`
+    (the clients ask for coalesced streams, SolveRequest.coalesce_events: a small solve's
+    iterates and result arrive as one message instead of dozens). The first comes back
+    without `more`, so every event is a plain JobEvent, as from a server that never
+    coalesces."""
+    if not len(message.more):
+        return (message,)
+    rest = tuple(message.more)
+    message.ClearField("more")
+    return (message, *rest)

@@ -97,7 +97,8 @@ class IterateRecord:
             nfev=int(iterate.nfev),
             njev=int(iterate.njev),
             elapsed=float(iterate.elapsed_s),
-            x=None if is_empty(iterate.x) else from_tensor(iterate.x, copy=True),
+            x=from_tensor(iterate.x, copy=True)
+            if iterate.HasField("x") and not is_empty(iterate.x) else None,
         )
 
 
@@ -106,8 +107,9 @@ class OptimizeResult(dict):
 
     Fields: x, fun, jac, nit, nfev, njev, nhev, status (scipy-like int, see ``Status``),
     success, message, job_id, solve_time_s (inside the solver loop on the worker),
-    wall_time_s (submit to result, as the gateway saw it) and history (IterateRecords the
-    client saw on the stream; empty if it saw none).
+    wall_time_s (submit to result, as the gateway saw it), method_chosen and method_reason
+    (method="auto": the method the server picked and why, in one line; empty otherwise) and
+    history (IterateRecords the client saw on the stream; empty if it saw none).
     """
 
     def __getattr__(self, name: str) -> Any:
@@ -150,6 +152,8 @@ class OptimizeResult(dict):
             job_id=job_id,
             solve_time_s=float(result.solve_time_s),
             wall_time_s=float(result.wall_time_s),
+            method_chosen=result.method_chosen,
+            method_reason=result.method_reason,
             history=list(history or []),
         )
 

@@ -198,3 +198,104 @@ def collect_training(job_events: Iterable[pb.JobEvent], spec: Mapping[str, Any],
                               status_code_from_name("CANCELLED"))
     raise SecantError(f"job {job_id}: the stream ended before the job did",
                       status_code_from_name("UNAVAILABLE"))
+
+
+# ---------------------------------------------------------------- memory planning
+
+_SIZE = {"": 1, "B": 1, "K": 10**3, "KB": 10**3, "M": 10**6, "MB": 10**6, "G": 10**9,
+         "GB": 10**9, "T": 10**12, "TB": 10**12, "KIB": 2**10, "MIB": 2**20, "GIB": 2**30,
+         "TIB": 2**40}
+
+
+def parse_size(value: int | float | str) -> int:
+    """Bytes from an int or a size such as "16GiB", "512MB"."""
+    if isinstance(value, int | float) and not isinstance(value, bool) and value > 0:
+        return int(value)
+    if isinstance(value, str):
+        text = value.strip().upper().replace(" ", "")
+        number = text.rstrip("KMGTIB")
+        unit = text[len(number):]
+        try:
+            if unit in _SIZE and float(number) > 0:
+                return int(float(number) * _SIZE[unit])
+        except ValueError:
+            pass
+    raise SecantError(f"memory budget must be bytes or a size such as '16GiB', got {value!r}",
+                      status_code_from_name("INVALID_ARGUMENT"))
+
+
+@dataclass(frozen=True)
+class PlanRow:
+    """One configuration: ZeRO stage, checkpointing, accumulation; bytes per worker."""
+
+    zero_stage: int
+    activation_checkpointing: bool
+    accumulation_steps: int
+    micro_batch_size: int
+    parameter_bytes: int
+    gradient_bytes: int
+    optimizer_bytes: int
+    activation_bytes: int
+    total_bytes: int
+    formula_parameter_bytes: int
+    formula_gradient_bytes: int
+    formula_optimizer_bytes: int
+    step_time: float  # relative to stage 0 without checkpointing or accumulation
+    fits: bool
+
+
+@dataclass
+class MemoryPlan:
+    """The server's memory plan for a training job (``client.plan(...)``); ``str(plan)`` is
+    the table ``secant train --plan`` prints."""
+
+    parameter_count: int
+    workers: int
+    batch_size: int
+    precision: str
+    optimizer: str
+    memory_budget_bytes: int
+    rows: list[PlanRow]
+    recommended: PlanRow | None
+    reason: str
+    activation_method: str
+    table: str = field(repr=False, default="")
+
+    def __str__(self) -> str:
+        return self.table
+
+    @classmethod
+    def from_proto(cls, message: pb.PlanResponse) -> MemoryPlan:
+        names = [f.name for f in PlanRow.__dataclass_fields__.values()]
+        rows = [PlanRow(**{name: getattr(row, name) for name in names})
+                for row in message.rows]
+        chosen = rows[message.recommended] if 0 <= message.recommended < len(rows) else None
+        return cls(parameter_count=int(message.parameter_count), workers=int(message.workers),
+                   batch_size=int(message.batch_size), precision=message.precision,
+                   optimizer=message.optimizer,
+                   memory_budget_bytes=int(message.memory_budget_bytes), rows=rows,
+                   recommended=chosen, reason=message.reason,
+                   activation_method=message.activation_method, table=message.table)
+
+
+def build_plan_request(model: Mapping[str, Any] | None = None, *,
+                       spec: Mapping[str, Any] | str | Path | None = None,
+                       workers: int | None = None, batch: int | None = None,
+                       precision: str | None = None, amp: bool = False,
+                       budget: int | str | None = None) -> pb.PlanRequest:
+    """A PlanRequest: a zoo model (or a whole training spec, a dict or YAML file) and the
+    job's shape. ``amp=True`` means bf16 autocast (``precision="bf16"``)."""
+    full = load_train_spec(spec) if spec is not None else {}
+    if model is not None:
+        if not isinstance(model, Mapping):
+            raise SecantError("plan: model must be a zoo model spec (a dict)",
+                              status_code_from_name("INVALID_ARGUMENT"))
+        full["model"] = dict(model)
+    if "model" not in full:
+        raise SecantError("plan: give a zoo model spec or a training spec with a model",
+                          status_code_from_name("INVALID_ARGUMENT"))
+    if amp and precision is None:
+        precision = "bf16"
+    return pb.PlanRequest(spec=to_struct(full), workers=workers or 0, batch_size=batch or 0,
+                          precision=precision or "",
+                          memory_budget_bytes=parse_size(budget) if budget is not None else 0)

@@ -128,6 +128,14 @@ def build_parser() -> argparse.ArgumentParser:
                        help="write the trained weights (safetensors) to this file")
     train.add_argument("-q", "--quiet", action="store_true", help="no progress bar")
     train.add_argument("--timeout", type=float, default=None, help="give up after S s")
+    train.add_argument("--plan", action="store_true",
+                       help="print the memory plan (bytes per worker per ZeRO stage, "
+                            "checkpointing, accumulation) instead of training")
+    train.add_argument("--workers", type=int, default=None,
+                       help="with --plan: data-parallel workers (default: the spec's)")
+    train.add_argument("--budget", default=None,
+                       help="with --plan: memory per worker, e.g. 16GiB (default: the spec's "
+                            "scaling.memory_budget, else the server's)")
     train.set_defaults(handler=_train)
 
     jobs = commands.add_parser("jobs", parents=[connection], help="list and manage jobs")
@@ -301,6 +309,11 @@ def _batch_json(result: BatchSolveResult, out: str | None) -> str:
 
 
 def _train(client: Client, args: argparse.Namespace) -> int:
+    if args.plan:
+        plan = client.plan(spec=args.spec, workers=args.workers, budget=args.budget,
+                           timeout=args.timeout)
+        print(plan.table)
+        return EXIT_OK
     show_progress = not args.quiet and sys.stderr.isatty()
     run = client.train(args.spec, progress=show_progress, timeout=args.timeout)
     if args.output:

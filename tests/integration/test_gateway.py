@@ -156,11 +156,13 @@ def test_cancel_ends_a_long_solve_within_2s_with_its_last_iterate(stub):
 @pytest.fixture(scope="module")
 def small_stub(gateway_factory):
     """A gateway with one worker and room for two jobs in flight, which gives a cancelled
-    worker no time to stop by itself (so the gateway's own way of ending a job runs)."""
+    worker no time to stop by itself (so the gateway's own way of ending a job runs). No
+    solver pool: its small jobs queue for that one worker too."""
     from service.validation import Limits
 
     server = gateway_factory(
-        workers=1, limits=Limits(max_concurrent_jobs=2), cancel_grace_s=0.0
+        workers=1, limits=Limits(max_concurrent_jobs=2), cancel_grace_s=0.0,
+        solver_processes=0,
     )
     with grpc.insecure_channel(server.address) as channel:
         yield pb_grpc.OptimizerStub(channel)

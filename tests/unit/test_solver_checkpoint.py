@@ -159,8 +159,10 @@ def test_external_evaluator_gives_exactly_minimizes_result(method):
     problem = get_problem("wood")
     options = {"gtol": 1e-9}
     reference = minimize(problem.fun, problem.x0_tensor(), method=method, options=options)
-    evaluator = LocalEvaluator(problem.fun)
-    solve = Solve(method, problem.x0_tensor(), options=options)
+    # As minimize drives it: a small problem on the numpy path (workers.solvers._small),
+    # whose requests the evaluator answers through solve.evaluator().
+    solve = Solve(method, problem.x0_tensor(), options=options, small=True)
+    evaluator = solve.evaluator(LocalEvaluator(problem.fun))
     requests = iterations = 0
 
     run = solve.run()

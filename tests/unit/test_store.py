@@ -74,6 +74,33 @@ class StoreContract:
         assert store.get_job("a").state == pb.QUEUED
         assert [e.seq for e in store.events("a")] == [1]
 
+    def test_commit_creates_and_writes_in_one_go(self, store):
+        store.create_jobs([NewJob(_job("a"))])
+        done = _job("a", state=pb.SUCCEEDED)
+        done.last_seq = 2
+        accepted = pb.JobEvent(job_id="b", seq=1, accepted=pb.Accepted(state=pb.QUEUED, n=2))
+        created = store.commit([NewJob(_job("b"), b"p", "key", [accepted])], [done],
+                               [_event("a", 1), _event("a", 2, 1)], {"a": b"state"})
+
+        assert [j.job_id for j in created] == ["b"]
+        assert store.get_job("a") == done and store.get_job("b") == _job("b")
+        assert store.events("b") == [accepted]
+        assert [e.seq for e in store.events("a")] == [1, 2]
+        assert store.checkpoint("a") is None  # a job written as ended loses its checkpoint
+        again = store.commit([NewJob(_job("c"), idempotency_key="key")], [], [])
+        assert [j.job_id for j in again] == ["b"] and store.get_job("c") is None
+
+    def test_a_commit_that_fails_changes_nothing(self, store):
+        store.create_jobs([NewJob(_job("a"))])
+        store.write([], [_event("a", 1)])
+        with pytest.raises(ValueError, match="seq"):
+            store.commit([NewJob(_job("b"))], [_job("a", state=pb.RUNNING)], [_event("a", 1)])
+
+        assert store.get_job("b") is None
+        assert store.get_job("a").state == pb.QUEUED
+        assert [e.seq for e in store.events("a")] == [1]
+        assert [j.job_id for j in store.create_jobs([NewJob(_job("b"))])] == ["b"]
+
     def test_list_filters_by_state_method_and_batch(self, store):
         store.create_jobs(
             [

@@ -15,12 +15,14 @@ from dataclasses import dataclass, field, replace
 from types import MappingProxyType
 from typing import Literal
 
+import numpy as np
 import torch
 from torch import Tensor
 
 from ._data import ObjectiveLimits, TensorSpec, check_data_name, tensor_from_bytes
 from ._errors import ExpressionError, ObjectiveError
 from ._expression import CompiledExpression, compile_expression
+from ._numpy_expression import NumpyProgram, compile_numpy
 from ._trusted import load_cloudpickle, load_torch_export
 
 __all__ = ["OBJECTIVE_KINDS", "Objective", "build_objective"]
@@ -57,6 +59,39 @@ class Objective:
     source: str = ""
     data: Mapping[str, Tensor] = field(default_factory=dict, repr=False)
     program: CompiledExpression | None = field(default=None, repr=False)
+    # What numpy_program() found, once: {"numpy": NumpyProgram | None}.
+    _derived: dict = field(default_factory=dict, init=False, repr=False, compare=False)
+
+    def numpy_program(self, x0: Tensor) -> NumpyProgram | None:
+        """The expression on numpy with its gradient (workers.objectives._numpy_expression),
+        for the small-problem solver path: CPU float64 expressions and residuals only, and
+        only when it agrees with torch autograd at `x0` (f and g to 1e-9 relative, NaN where
+        torch has NaN). None otherwise: evaluate `fun` with torch. Built once per objective."""
+        if "numpy" not in self._derived:
+            self._derived["numpy"] = self._build_numpy_program(x0)
+        return self._derived["numpy"]
+
+    def _build_numpy_program(self, x0: Tensor) -> NumpyProgram | None:
+        if (self.program is None or self.dtype != torch.float64 or self.device.type != "cpu"
+                or x0.dtype != torch.float64 or x0.numel() != self.dimension):
+            return None
+        data = {name: tensor.detach().numpy() for name, tensor in self.data.items()
+                if name in self.program.data_names}
+        program = compile_numpy(self.source, dimension=self.dimension, data=data,
+                                residual=self.kind == "residual", limits=self.program.limits)
+        if program is None:
+            return None
+        x = x0.detach().numpy().copy()
+        try:
+            program.prepare(x)
+            f, g = program.value_and_grad(x)
+        except Exception:  # an op this backend got wrong for these shapes: keep torch
+            return None
+        with torch.enable_grad():
+            xt = x0.detach().clone().requires_grad_(True)
+            ft = self.fun(xt)
+            (gt,) = torch.autograd.grad(ft, xt)
+        return program if _agree(f, ft.detach().numpy()) and _agree(g, gt.numpy()) else None
 
     def to(
         self, device: torch.device | str | None = None, dtype: torch.dtype | None = None
@@ -80,6 +115,22 @@ class Objective:
         if isinstance(fun, torch.nn.Module) and device != self.device:
             fun = copy.deepcopy(fun).to(device=device)  # the original keeps its device
         return replace(self, fun=fun, dtype=dtype, device=device)
+
+
+def _agree(ours, torch_value, rtol: float = 1e-9) -> bool:
+    ours, theirs = np.asarray(ours, dtype=np.float64), np.asarray(torch_value, dtype=np.float64)
+    if ours.shape != theirs.shape:
+        return False
+    finite = np.isfinite(theirs)
+    if not np.array_equal(np.isfinite(ours), finite) or not np.array_equal(
+            np.isnan(ours), np.isnan(theirs)):
+        return False
+    if not finite.any():
+        return bool(np.array_equal(ours[~finite], theirs[~finite], equal_nan=True))
+    scale = max(1.0, float(np.max(np.abs(theirs[finite]))))
+    close = np.abs(ours[finite] - theirs[finite]) <= rtol * scale
+    return bool(close.all()) and bool(np.array_equal(ours[~finite], theirs[~finite],
+                                                     equal_nan=True))
 
 
 def _rebind_data(

@@ -12,10 +12,13 @@ from ._linesearch import BacktrackingArmijo, LineSearchResult, StrongWolfe
 from ._methods import METHODS, SolveState, canonical_method
 from ._options import KNOWN_OPTIONS, Termination, parse_options
 from ._result import IterateInfo, SolverResult, Status
+from ._small import SMALL_METHODS, SMALL_N_MAX, NumpyEvaluator, TorchBridge
 
 __all__ = [
     "KNOWN_OPTIONS",
     "METHODS",
+    "SMALL_METHODS",
+    "SMALL_N_MAX",
     "BacktrackingArmijo",
     "EvalRequest",
     "Evaluation",
@@ -23,12 +26,14 @@ __all__ = [
     "IterationDone",
     "LineSearchResult",
     "LocalEvaluator",
+    "NumpyEvaluator",
     "Solve",
     "SolveState",
     "SolverResult",
     "Status",
     "StrongWolfe",
     "Termination",
+    "TorchBridge",
     "canonical_method",
     "check_problem",
     "drive_locally",

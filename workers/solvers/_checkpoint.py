@@ -11,6 +11,7 @@ import torch
 from safetensors.torch import load, save
 
 from ._methods import DenseQuasiNewtonState, LbfgsState, LeastSquaresState, SolveState
+from ._small import has_numpy_fields, state_to_torch
 
 _STATE_CLASSES = {
     cls.__name__: cls
@@ -19,7 +20,10 @@ _STATE_CLASSES = {
 
 
 def state_to_bytes(state: SolveState) -> bytes:
-    """Serializes tensors as safetensors and numbers in its metadata (exact float repr)."""
+    """Serializes tensors as safetensors and numbers in its metadata (exact float repr). A
+    small-path state (numpy arrays, workers.solvers._small) is written as its torch twin."""
+    if has_numpy_fields(state):
+        state = state_to_torch(state)
     tensors: dict[str, torch.Tensor] = {}
     scalars: dict[str, object] = {}
     for f in fields(state):

@@ -24,6 +24,14 @@ from ._methods import (
 )
 from ._options import parse_options
 from ._result import IterateInfo, SolverResult, Status
+from ._small import (
+    TorchBridge,
+    build_small_solver,
+    has_numpy_fields,
+    small_path_applies,
+    state_to_numpy,
+    state_to_torch,
+)
 
 MAX_DENSE_DIMENSION = 20_000
 
@@ -36,6 +44,11 @@ class IterationDone:
 
 
 Driven = Generator[EvalRequest | IterationDone, Evaluation | None, SolverResult]
+
+
+def is_auto(method) -> bool:
+    """method="auto": the solve picks its method at x0 (workers.solvers._auto)."""
+    return isinstance(method, str) and method.strip().lower() == "auto"
 
 
 def _as_bounds(bounds, x0: Tensor) -> tuple[Tensor, Tensor] | None:
@@ -106,19 +119,33 @@ class Solve:
 
     `should_stop()` is asked before every evaluation, so a cancel lands within one
     evaluation even inside a long line search.
+
+    `small=True` runs a tiny CPU float64 problem (workers.solvers._small.small_path_applies)
+    on numpy: the same solver code and outcomes, without torch's per-call dispatch. Its
+    requests then carry numpy x (`self.evaluator(...)` adapts a torch evaluator) and the
+    states it yields hold numpy arrays (`self.torch_state(...)` gives a torch view); results
+    and iterate reports are torch tensors either way.
     """
 
     def __init__(self, method: str, x0: Tensor, *, bounds=None, options: dict | None = None,
                  initial_state: SolveState | None = None,
-                 should_stop: Callable[[], bool] | None = None) -> None:
+                 should_stop: Callable[[], bool] | None = None, small: bool = False) -> None:
         info, self.options, bound_tensors = check_problem(method, x0, bounds, options)
         self.method = info.name
         self.least_squares = info.least_squares
+        self.small = small and small_path_applies(info.name, x0, bound_tensors)
         if info.name == "l-bfgs-b" and bound_tensors is None:
             inf = torch.full_like(x0, math.inf)
             bound_tensors = (-inf, inf)
         lower, upper = bound_tensors if bound_tensors is not None else (None, None)
-        self.solver = build_solver(info, self.options, lower, upper)
+        if self.small:
+            self.solver = build_small_solver(info.name, self.options)
+            self._start = x0.detach().numpy().copy()
+            if initial_state is not None and not has_numpy_fields(initial_state):
+                initial_state = state_to_numpy(initial_state, self.options.history_size)
+        else:
+            self.solver = build_solver(info, self.options, lower, upper)
+            self._start = x0
         self.solver.track_step_norm = self.options.termination.xtol > 0
         self.x0 = x0
         self.initial_state = initial_state
@@ -139,7 +166,7 @@ class Solve:
             return True
         if term.xtol <= 0:
             return False
-        x_scale = max(1.0, float(state.x.abs().max()))
+        x_scale = max(1.0, self.solver.ops.norm_inf(state.x))
         return state.step_norm <= term.xtol * x_scale
 
     def run(self) -> Driven:
@@ -168,10 +195,10 @@ class Solve:
 
         if state is None:
             try:
-                ev = yield from evaluate(self.solver.first_request(self.x0), None)
+                ev = yield from evaluate(self.solver.first_request(self._start), None)
             except SolveStopped as stop:
                 return self._result_without_state(stop.status, elapsed())
-            state = self.solver.init_state(self.x0, ev)
+            state = self.solver.init_state(self._start, ev)
             state.nfev, state.njev = 1, int(ev.g is not None)
             if not ev.is_finite():
                 return self._result(state, Status.NON_FINITE, elapsed())
@@ -208,17 +235,36 @@ class Solve:
         return self._result(state, status, state.elapsed_s)
 
     def iterate_info(self, state: SolveState) -> IterateInfo:
+        x = torch.from_numpy(state.x) if self.small else state.x
         return IterateInfo(
-            nit=state.nit, x=state.x, f=float(state.f), grad_norm=state.grad_norm,
+            nit=state.nit, x=x, f=float(state.f), grad_norm=state.grad_norm,
             step_size=state.step_size, nfev=state.nfev, njev=state.njev, nhev=state.nhev,
             elapsed_s=state.elapsed_s,
         )
 
+    def evaluator(self, evaluator: Callable[[EvalRequest], Evaluation],
+                  numpy_evaluator: Callable[[EvalRequest], Evaluation] | None = None):
+        """`evaluator` (answering torch requests), made to answer this solve's requests: on
+        the small path `numpy_evaluator` when given (an objective evaluated on numpy), else
+        `evaluator` through a zero-copy bridge."""
+        if not self.small:
+            return evaluator
+        return numpy_evaluator if numpy_evaluator is not None else TorchBridge(evaluator)
+
+    def torch_state(self, state: SolveState) -> SolveState:
+        """A state this solve yielded, with torch tensors (views) on the small path too."""
+        return state_to_torch(state) if self.small else state
+
     def _result(self, state: SolveState, status: Status, seconds: float) -> SolverResult:
+        hess_inv = self.solver.hess_inv(state)
+        x, jac = state.x, state.g
+        if self.small:
+            x, jac = torch.from_numpy(x), torch.from_numpy(jac)
+            hess_inv = None if hess_inv is None else torch.from_numpy(hess_inv)
         return SolverResult(
-            x=state.x, fun=float(state.f), jac=state.g, nit=state.nit, nfev=state.nfev,
+            x=x, fun=float(state.f), jac=jac, nit=state.nit, nfev=state.nfev,
             njev=state.njev, nhev=state.nhev, status=status, message=status.message,
-            solve_time_s=seconds, hess_inv=self.solver.hess_inv(state), history=self.history,
+            solve_time_s=seconds, hess_inv=hess_inv, history=self.history,
         )
 
     def _result_without_state(self, status: Status, seconds: float) -> SolverResult:
@@ -241,7 +287,7 @@ def drive_locally(solve: Solve, evaluator: Callable[[EvalRequest], Evaluation],
         while True:
             if isinstance(item, IterationDone):
                 if on_iteration is not None:
-                    on_iteration(item.state)
+                    on_iteration(solve.torch_state(item.state))
                 if callback is not None and callback(solve.iterate_info(item.state)):
                     cancelled = True
                     solve.should_stop = lambda: True
@@ -267,12 +313,18 @@ def minimize(fun, x0: Tensor, *, method: str = "l-bfgs", jac=None, hessp=None, h
     returns (f, g) in one call, as scipy's. `callback(info)` runs after
     every iteration; returning True stops the solve with Status.CANCELLED.
     """
+    if is_auto(method):  # chosen at x0: workers.solvers._auto
+        from ._auto import auto_minimize
+
+        return auto_minimize(fun, x0, jac=jac, hessp=hessp, hess=hess, bounds=bounds,
+                             options=options, callback=callback, should_stop=should_stop,
+                             initial_state=initial_state, on_iteration=on_iteration)
     info = canonical_method(method)
     if info.least_squares:
         raise ValueError(f"method {info.name!r} works on residuals: use least_squares(r, x0)")
     solve = Solve(info.name, x0, bounds=bounds, options=options, initial_state=initial_state,
-                  should_stop=should_stop)
-    evaluator = LocalEvaluator(fun, jac=jac, hessp=hessp, hess=hess)
+                  should_stop=should_stop, small=True)
+    evaluator = solve.evaluator(LocalEvaluator(fun, jac=jac, hessp=hessp, hess=hess))
     return drive_locally(solve, evaluator, callback, on_iteration)
 
 
@@ -284,11 +336,17 @@ def least_squares(residual, x0: Tensor, *, method: str = "lm", jac=None,
                   on_iteration: Callable[[SolveState], None] | None = None) -> SolverResult:
     """Minimizes 0.5 * |r(x)|^2. Gauss-Newton and LM use the Jacobian of r (autograd by
     default, or `jac(x)`); any other method minimizes the sum of squares directly."""
+    if is_auto(method):  # chosen at x0: workers.solvers._auto
+        from ._auto import auto_least_squares
+
+        return auto_least_squares(residual, x0, jac=jac, options=options, callback=callback,
+                                  should_stop=should_stop, initial_state=initial_state,
+                                  on_iteration=on_iteration)
     info = canonical_method(method)
     solve = Solve(info.name, x0, options=options, initial_state=initial_state,
-                  should_stop=should_stop)
+                  should_stop=should_stop, small=True)
     if info.least_squares:
         evaluator = LocalEvaluator(residual=residual, residual_jac=jac)
     else:
-        evaluator = LocalEvaluator(residual=residual)
+        evaluator = solve.evaluator(LocalEvaluator(residual=residual))
     return drive_locally(solve, evaluator, callback, on_iteration)

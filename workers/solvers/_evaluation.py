@@ -9,6 +9,7 @@ from __future__ import annotations
 from collections.abc import Callable
 from dataclasses import dataclass
 
+import numpy as np
 import torch
 from torch import Tensor
 
@@ -35,11 +36,14 @@ class Evaluation:
     jac: Tensor | None = None
 
     def is_finite(self) -> bool:
-        """True when every returned quantity is finite (one host sync)."""
+        """True when every returned quantity is finite (one host sync). Torch tensors, or
+        numpy arrays and numbers on the small-problem path."""
         quantities = (self.f, self.g, self.hvp, self.hess, self.r, self.jac)
         parts = [t for t in quantities if t is not None]
         if not parts:
             return True
+        if not isinstance(parts[0], Tensor):
+            return all(bool(np.isfinite(t).all()) for t in parts)
         flags = torch.stack([torch.isfinite(t).all() for t in parts])
         return bool(flags.all())
 

@@ -16,6 +16,7 @@ from torch import Tensor
 
 from ._evaluation import EvalRequest, Evaluation
 from ._linesearch import BacktrackingArmijo, LineSearchResult, StrongWolfe
+from ._ops import TORCH, _norm_inf
 from ._result import Status
 
 Steps = Generator[EvalRequest, Evaluation, None]
@@ -86,18 +87,15 @@ class LeastSquaresState(SolveState):
     damping_growth: float = 2.0
 
 
-def _norm_inf(t: Tensor) -> float:
-    # One pass and no temporary (abs().max() writes an n-vector first).
-    if not t.numel():
-        return 0.0
-    low, high = torch.aminmax(t)
-    return max(-float(low), float(high))
-
-
 class LineSearchSolver:
-    """Direction + step rule. Subclasses give the direction and the memory update."""
+    """Direction + step rule. Subclasses give the direction and the memory update.
+
+    The shared steps below, and the dense quasi-Newton methods, do their vector work through
+    `ops` (workers.solvers._ops): torch tensors by default; numpy arrays on the small-problem
+    path (workers.solvers._small), which runs this same code."""
 
     name = ""
+    ops = TORCH
     state_class: type[SolveState] = SolveState
     default_line_search = "strong-wolfe"
     needs_hessian = False
@@ -136,27 +134,28 @@ class LineSearchSolver:
 
     def initial_step(self, state: SolveState, d: Tensor, derphi0: float) -> float:
         if state.nit == 0:
-            return min(1.0, 1.01 / max(float(torch.linalg.vector_norm(state.g)), 1e-300))
+            return min(1.0, 1.01 / max(self.ops.norm(state.g), 1e-300))
         return 1.0
 
     def hess_inv(self, state: SolveState) -> Tensor | None:
         return None
 
     def grad_norm(self, state: SolveState) -> float:
-        return _norm_inf(state.g)
+        return self.ops.norm_inf(state.g)
 
     # -- one iteration -------------------------------------------------------------------
     def step(self, state: SolveState) -> Steps:
+        dot = self.ops.dot
         d = yield from self.direction(state)
-        derphi0 = float(torch.dot(state.g, d))
+        derphi0 = dot(state.g, d)
         steepest = False
         if not (math.isfinite(derphi0) and derphi0 < 0):
             self.reset_memory(state)
-            d, derphi0, steepest = -state.g, -float(torch.dot(state.g, state.g)), True
+            d, derphi0, steepest = -state.g, -dot(state.g, state.g), True
         result, ev, x_new = yield from self._search(state, d, derphi0)
         if not self._acceptable(result, state, derphi0) and not steepest:
             self.reset_memory(state)
-            d, derphi0 = -state.g, -float(torch.dot(state.g, state.g))
+            d, derphi0 = -state.g, -dot(state.g, state.g)
             result, ev, x_new = yield from self._search(state, d, derphi0, fresh=True)
         yield from self._finish_search(result, state, derphi0, ev, x_new)
         sy = None
@@ -197,7 +196,7 @@ class LineSearchSolver:
         self.absorb(state, x_new, g_new, alpha, d, sy)
         state.f_prev = float(state.f)
         if self.track_step_norm:
-            state.step_norm = _norm_inf(x_new - state.x)
+            state.step_norm = self.ops.norm_inf(x_new - state.x)
         state.x, state.f, state.g = x_new, f_new, g_new
         state.step_size = alpha
         state.derphi_prev = derphi0
@@ -206,9 +205,10 @@ class LineSearchSolver:
     def _search(self, state: SolveState, d: Tensor, derphi0: float, fresh: bool = False):
         """Runs the step rule along d; returns (result, evaluation at its step, the point)."""
         alpha0 = self.initial_step(state, d, derphi0) if not fresh else min(
-            1.0, 1.0 / max(_norm_inf(d), 1e-300)
+            1.0, 1.0 / max(self.ops.norm_inf(d), 1e-300)
         )
         rule = self.step_rule
+        step, dot = self.ops.step, self.ops.dot
         phi0 = float(state.f)
         search = rule.search(phi0, derphi0, alpha0)
         alpha = next(search)
@@ -217,10 +217,10 @@ class LineSearchSolver:
         kept: dict[str, tuple[float, float, Evaluation, Tensor]] = {}
         c1 = rule.c1
         while True:
-            x_trial = torch.add(state.x, d, alpha=alpha)
+            x_trial = step(state.x, d, alpha)
             ev = yield EvalRequest(x_trial, need_f=True, need_g=rule.needs_gradient)
             phi = float(ev.f)
-            der = float(torch.dot(ev.g, d)) if ev.g is not None else None
+            der = dot(ev.g, d) if ev.g is not None else None
             if not math.isfinite(phi):
                 phi = math.nan
             entry = (alpha, phi, ev, x_trial)
@@ -240,7 +240,7 @@ class LineSearchSolver:
             if a == result.alpha and math.isfinite(value):
                 return result, ev, x_trial
         if result.alpha > 0 and math.isfinite(result.phi):
-            x_trial = torch.add(state.x, d, alpha=result.alpha)
+            x_trial = step(state.x, d, result.alpha)
             ev = yield EvalRequest(x_trial, need_f=True, need_g=rule.needs_gradient)
             if ev.is_finite():
                 return result, ev, x_trial
@@ -350,7 +350,7 @@ class DenseQuasiNewton(LineSearchSolver):
     def hess_inv(self, state):
         if state.H is not None:
             return state.H
-        return torch.eye(state.x.numel(), dtype=state.x.dtype, device=state.x.device)
+        return self.ops.eye(state.x)
 
     def absorb(self, state, x_new, g_new, alpha, d, sy=None):
         self.update_memory(state, x_new - state.x, g_new - state.g)
@@ -361,14 +361,14 @@ class DenseQuasiNewton(LineSearchSolver):
     scale_initial = False
 
     def update_memory(self, state, s, y):
-        sy = float(torch.dot(s, y))
-        if not (math.isfinite(sy) and sy > 1e-10 * float(torch.linalg.vector_norm(s))
-                * float(torch.linalg.vector_norm(y))):
+        ops = self.ops
+        sy = ops.dot(s, y)
+        if not (math.isfinite(sy) and sy > 1e-10 * ops.norm(s) * ops.norm(y)):
             return
         if state.H is None:
             # Nocedal & Wright (6.20): scale the first approximation before updating it.
-            scale = sy / float(torch.dot(y, y)) if self.scale_initial else 1.0
-            state.H = scale * torch.eye(s.numel(), dtype=s.dtype, device=s.device)
+            scale = sy / ops.dot(y, y) if self.scale_initial else 1.0
+            state.H = scale * ops.eye(s)
         state.H = self._update(state.H, s, y, sy)
 
     def _update(self, H: Tensor, s: Tensor, y: Tensor, sy: float) -> Tensor:
@@ -391,10 +391,11 @@ class Bfgs(DenseQuasiNewton):
     def _update(self, H, s, y, sy):
         rho = 1.0 / sy
         Hy = H @ y
-        yHy = float(torch.dot(y, Hy))
+        outer = self.ops.outer
+        yHy = self.ops.dot(y, Hy)
         # (I - rho s y^T) H (I - rho y s^T) + rho s s^T, expanded to rank-2 terms.
-        return (H - rho * (torch.outer(s, Hy) + torch.outer(Hy, s))
-                + (rho * rho * yHy + rho) * torch.outer(s, s))
+        return (H - rho * (outer(s, Hy) + outer(Hy, s))
+                + (rho * rho * yHy + rho) * outer(s, s))
 
 
 class Dfp(DenseQuasiNewton):
@@ -403,10 +404,11 @@ class Dfp(DenseQuasiNewton):
 
     def _update(self, H, s, y, sy):
         Hy = H @ y
-        yHy = float(torch.dot(y, Hy))
+        yHy = self.ops.dot(y, Hy)
         if yHy <= 0:
             return H
-        return H - torch.outer(Hy, Hy) / yHy + torch.outer(s, s) / sy
+        outer = self.ops.outer
+        return H - outer(Hy, Hy) / yHy + outer(s, s) / sy
 
 
 class Sr1(DenseQuasiNewton):
@@ -416,17 +418,16 @@ class Sr1(DenseQuasiNewton):
     accept_failed_decrease = True
 
     def update_memory(self, state, s, y):
+        ops = self.ops
         if state.H is None:
-            sy = float(torch.dot(s, y))
-            yy = float(torch.dot(y, y))
+            sy = ops.dot(s, y)
+            yy = ops.dot(y, y)
             scale = sy / yy if sy > 0 and yy > 0 else 1.0
-            state.H = scale * torch.eye(s.numel(), dtype=s.dtype, device=s.device)
+            state.H = scale * ops.eye(s)
         u = s - state.H @ y
-        denom = float(torch.dot(u, y))
-        if abs(denom) > 1e-8 * float(torch.linalg.vector_norm(y)) * float(
-            torch.linalg.vector_norm(u)
-        ) and math.isfinite(denom):
-            state.H = state.H + torch.outer(u, u) / denom
+        denom = ops.dot(u, y)
+        if abs(denom) > 1e-8 * ops.norm(y) * ops.norm(u) and math.isfinite(denom):
+            state.H = state.H + ops.outer(u, u) / denom
 
 
 class Lbfgs(LineSearchSolver):
@@ -1005,6 +1006,7 @@ class LevenbergMarquardt:
     name = "lm"
     state_class = LeastSquaresState
     needs_hessian = False
+    ops = TORCH
 
     def __init__(self, *, initial_damping: float = 1e-3, max_rejections: int = 40) -> None:
         self.initial_damping = initial_damping

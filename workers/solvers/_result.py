@@ -68,6 +68,9 @@ class SolverResult:
     solve_time_s: float = 0.0
     hess_inv: Tensor | None = None
     history: list[IterateInfo] | None = field(default=None, repr=False)
+    # method="auto" (workers.solvers._auto): the method that ran, and why, in one line.
+    method_chosen: str = ""
+    method_reason: str = ""
 
     @property
     def success(self) -> bool:

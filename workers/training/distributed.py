@@ -376,6 +376,9 @@ class _Job:
             raise ValueError("give one of data, dataset and data_uri, not several")
         if data is not None and (not isinstance(data, dict) or set(data) != {"X", "y"}):
             raise ValueError("data must be a dict with exactly the arrays 'X' and 'y'")
+        from .planner import resolve_auto_zero
+
+        train_spec, _ = resolve_auto_zero(train_spec, workers)  # scaling.zero_stage "auto"
         TrainSpec.parse(train_spec)  # ValueError naming the field, before anything starts
         return cls(train_spec, dataset, every, data_uri)
 

@@ -225,7 +225,8 @@ class LargeBatchPlan:
 
 
 SCALING_KEYS = ("zero_stage", "micro_batch_size", "accumulation_steps", "lr_scaling",
-                "base_batch_size", "warmup", "precision", "activation_checkpointing", "lora")
+                "base_batch_size", "warmup", "precision", "activation_checkpointing", "lora",
+                "memory_budget")
 
 
 def _scaling_int(name: str, value: Any, lower: int, upper: int | None = None) -> int:
@@ -321,6 +322,15 @@ class ScalingSpec:
                     alpha, int | float) or not math.isfinite(alpha) or alpha <= 0):
                 raise ValueError(f"scaling.lora.alpha must be a finite number > 0, "
                                  f"got {alpha!r}")
+        if raw.get("zero_stage") == "auto":
+            # Resolved before training by the memory planner (the gateway, run_training_job
+            # and loop.train call workers.training.planner.resolve_auto_zero).
+            raise ValueError("scaling.zero_stage 'auto' must be resolved by the memory planner "
+                             "first (workers.training.planner.resolve_auto_zero)")
+        if raw.get("memory_budget") is not None:
+            from .planner import parse_bytes
+
+            parse_bytes(raw["memory_budget"], "scaling.memory_budget")
         checkpointing = raw.get("activation_checkpointing", False)
         if not isinstance(checkpointing, bool):
             raise ValueError(f"scaling.activation_checkpointing must be true or false, "

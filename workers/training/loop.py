@@ -408,6 +408,10 @@ def train(spec: dict, X: Tensor, y: Tensor, *,
     data-parallel, stop and checkpoint arguments. `on_memory` receives every worker's
     memory.MemoryReport (by rank) after the first step of a scaled run. `trusted` lets a
     caller's own module (models.py: torch_export, pickle) load; only the service decides it."""
+    if communicator is None or communicator.world_size == 1:
+        from .planner import resolve_auto_zero
+
+        spec, _ = resolve_auto_zero(spec, 1)  # scaling.zero_stage "auto" on one worker
     parsed = TrainSpec.parse(spec)
     if X.shape[0] != y.shape[0]:
         raise ValueError(f"X and y must have as many rows, got {X.shape[0]} and {y.shape[0]}")

@@ -144,7 +144,7 @@ class BatchSpec(_message.Message):
     def __init__(self, size: _Optional[int] = ..., member_data: _Optional[_Iterable[_Union[NamedTensor, _Mapping]]] = ..., chunk_size: _Optional[int] = ...) -> None: ...
 
 class Result(_message.Message):
-    __slots__ = ("x", "fun", "jac", "nit", "nfev", "njev", "nhev", "status", "success", "message", "solve_time_s", "wall_time_s", "batch")
+    __slots__ = ("x", "fun", "jac", "nit", "nfev", "njev", "nhev", "status", "success", "message", "solve_time_s", "wall_time_s", "batch", "method_chosen", "method_reason")
     X_FIELD_NUMBER: _ClassVar[int]
     FUN_FIELD_NUMBER: _ClassVar[int]
     JAC_FIELD_NUMBER: _ClassVar[int]
@@ -158,6 +158,8 @@ class Result(_message.Message):
     SOLVE_TIME_S_FIELD_NUMBER: _ClassVar[int]
     WALL_TIME_S_FIELD_NUMBER: _ClassVar[int]
     BATCH_FIELD_NUMBER: _ClassVar[int]
+    METHOD_CHOSEN_FIELD_NUMBER: _ClassVar[int]
+    METHOD_REASON_FIELD_NUMBER: _ClassVar[int]
     x: Tensor
     fun: float
     jac: Tensor
@@ -171,7 +173,9 @@ class Result(_message.Message):
     solve_time_s: float
     wall_time_s: float
     batch: BatchResult
-    def __init__(self, x: _Optional[_Union[Tensor, _Mapping]] = ..., fun: _Optional[float] = ..., jac: _Optional[_Union[Tensor, _Mapping]] = ..., nit: _Optional[int] = ..., nfev: _Optional[int] = ..., njev: _Optional[int] = ..., nhev: _Optional[int] = ..., status: _Optional[_Union[SolveStatus, str]] = ..., success: _Optional[bool] = ..., message: _Optional[str] = ..., solve_time_s: _Optional[float] = ..., wall_time_s: _Optional[float] = ..., batch: _Optional[_Union[BatchResult, _Mapping]] = ...) -> None: ...
+    method_chosen: str
+    method_reason: str
+    def __init__(self, x: _Optional[_Union[Tensor, _Mapping]] = ..., fun: _Optional[float] = ..., jac: _Optional[_Union[Tensor, _Mapping]] = ..., nit: _Optional[int] = ..., nfev: _Optional[int] = ..., njev: _Optional[int] = ..., nhev: _Optional[int] = ..., status: _Optional[_Union[SolveStatus, str]] = ..., success: _Optional[bool] = ..., message: _Optional[str] = ..., solve_time_s: _Optional[float] = ..., wall_time_s: _Optional[float] = ..., batch: _Optional[_Union[BatchResult, _Mapping]] = ..., method_chosen: _Optional[str] = ..., method_reason: _Optional[str] = ...) -> None: ...
 
 class BatchResult(_message.Message):
     __slots__ = ("fun", "status", "nit", "nfev", "njev", "nhev", "converged")
@@ -304,7 +308,7 @@ class TrainResult(_message.Message):
     def __init__(self, metrics: _Optional[_Mapping[str, float]] = ..., steps: _Optional[int] = ..., stopped_early: _Optional[bool] = ..., restarts: _Optional[int] = ..., train_time_s: _Optional[float] = ..., wall_time_s: _Optional[float] = ..., artifacts: _Optional[_Iterable[str]] = ...) -> None: ...
 
 class JobEvent(_message.Message):
-    __slots__ = ("job_id", "seq", "time", "accepted", "iterate", "result", "failure", "state_change", "metrics", "train_result")
+    __slots__ = ("job_id", "seq", "time", "accepted", "iterate", "result", "failure", "state_change", "metrics", "train_result", "more")
     JOB_ID_FIELD_NUMBER: _ClassVar[int]
     SEQ_FIELD_NUMBER: _ClassVar[int]
     TIME_FIELD_NUMBER: _ClassVar[int]
@@ -315,6 +319,7 @@ class JobEvent(_message.Message):
     STATE_CHANGE_FIELD_NUMBER: _ClassVar[int]
     METRICS_FIELD_NUMBER: _ClassVar[int]
     TRAIN_RESULT_FIELD_NUMBER: _ClassVar[int]
+    MORE_FIELD_NUMBER: _ClassVar[int]
     job_id: str
     seq: int
     time: _timestamp_pb2.Timestamp
@@ -325,7 +330,8 @@ class JobEvent(_message.Message):
     state_change: StateChange
     metrics: Metrics
     train_result: TrainResult
-    def __init__(self, job_id: _Optional[str] = ..., seq: _Optional[int] = ..., time: _Optional[_Union[datetime.datetime, _timestamp_pb2.Timestamp, _Mapping]] = ..., accepted: _Optional[_Union[Accepted, _Mapping]] = ..., iterate: _Optional[_Union[Iterate, _Mapping]] = ..., result: _Optional[_Union[Result, _Mapping]] = ..., failure: _Optional[_Union[Failure, _Mapping]] = ..., state_change: _Optional[_Union[StateChange, _Mapping]] = ..., metrics: _Optional[_Union[Metrics, _Mapping]] = ..., train_result: _Optional[_Union[TrainResult, _Mapping]] = ...) -> None: ...
+    more: _containers.RepeatedCompositeFieldContainer[JobEvent]
+    def __init__(self, job_id: _Optional[str] = ..., seq: _Optional[int] = ..., time: _Optional[_Union[datetime.datetime, _timestamp_pb2.Timestamp, _Mapping]] = ..., accepted: _Optional[_Union[Accepted, _Mapping]] = ..., iterate: _Optional[_Union[Iterate, _Mapping]] = ..., result: _Optional[_Union[Result, _Mapping]] = ..., failure: _Optional[_Union[Failure, _Mapping]] = ..., state_change: _Optional[_Union[StateChange, _Mapping]] = ..., metrics: _Optional[_Union[Metrics, _Mapping]] = ..., train_result: _Optional[_Union[TrainResult, _Mapping]] = ..., more: _Optional[_Iterable[_Union[JobEvent, _Mapping]]] = ...) -> None: ...
 
 class Job(_message.Message):
     __slots__ = ("job_id", "state", "method", "n", "batch_id", "created", "started", "finished", "result", "failure", "last_seq", "labels", "owner", "kind", "train_result")
@@ -369,10 +375,12 @@ class Job(_message.Message):
     def __init__(self, job_id: _Optional[str] = ..., state: _Optional[_Union[JobState, str]] = ..., method: _Optional[str] = ..., n: _Optional[int] = ..., batch_id: _Optional[str] = ..., created: _Optional[_Union[datetime.datetime, _timestamp_pb2.Timestamp, _Mapping]] = ..., started: _Optional[_Union[datetime.datetime, _timestamp_pb2.Timestamp, _Mapping]] = ..., finished: _Optional[_Union[datetime.datetime, _timestamp_pb2.Timestamp, _Mapping]] = ..., result: _Optional[_Union[Result, _Mapping]] = ..., failure: _Optional[_Union[Failure, _Mapping]] = ..., last_seq: _Optional[int] = ..., labels: _Optional[_Mapping[str, str]] = ..., owner: _Optional[str] = ..., kind: _Optional[str] = ..., train_result: _Optional[_Union[TrainResult, _Mapping]] = ...) -> None: ...
 
 class SolveRequest(_message.Message):
-    __slots__ = ("problem",)
+    __slots__ = ("problem", "coalesce_events")
     PROBLEM_FIELD_NUMBER: _ClassVar[int]
+    COALESCE_EVENTS_FIELD_NUMBER: _ClassVar[int]
     problem: Problem
-    def __init__(self, problem: _Optional[_Union[Problem, _Mapping]] = ...) -> None: ...
+    coalesce_events: bool
+    def __init__(self, problem: _Optional[_Union[Problem, _Mapping]] = ..., coalesce_events: _Optional[bool] = ...) -> None: ...
 
 class SubmitRequest(_message.Message):
     __slots__ = ("problem", "idempotency_key")
@@ -397,12 +405,14 @@ class SubmitBatchResponse(_message.Message):
     def __init__(self, batch_id: _Optional[str] = ..., jobs: _Optional[_Iterable[_Union[Job, _Mapping]]] = ...) -> None: ...
 
 class WatchRequest(_message.Message):
-    __slots__ = ("job_id", "after_seq")
+    __slots__ = ("job_id", "after_seq", "coalesce_events")
     JOB_ID_FIELD_NUMBER: _ClassVar[int]
     AFTER_SEQ_FIELD_NUMBER: _ClassVar[int]
+    COALESCE_EVENTS_FIELD_NUMBER: _ClassVar[int]
     job_id: str
     after_seq: int
-    def __init__(self, job_id: _Optional[str] = ..., after_seq: _Optional[int] = ...) -> None: ...
+    coalesce_events: bool
+    def __init__(self, job_id: _Optional[str] = ..., after_seq: _Optional[int] = ..., coalesce_events: _Optional[bool] = ...) -> None: ...
 
 class GetJobRequest(_message.Message):
     __slots__ = ("job_id",)
@@ -525,3 +535,75 @@ class Artifact(_message.Message):
     content_type: str
     data: bytes
     def __init__(self, job_id: _Optional[str] = ..., name: _Optional[str] = ..., content_type: _Optional[str] = ..., data: _Optional[bytes] = ...) -> None: ...
+
+class PlanRequest(_message.Message):
+    __slots__ = ("spec", "workers", "batch_size", "precision", "memory_budget_bytes")
+    SPEC_FIELD_NUMBER: _ClassVar[int]
+    WORKERS_FIELD_NUMBER: _ClassVar[int]
+    BATCH_SIZE_FIELD_NUMBER: _ClassVar[int]
+    PRECISION_FIELD_NUMBER: _ClassVar[int]
+    MEMORY_BUDGET_BYTES_FIELD_NUMBER: _ClassVar[int]
+    spec: _struct_pb2.Struct
+    workers: int
+    batch_size: int
+    precision: str
+    memory_budget_bytes: int
+    def __init__(self, spec: _Optional[_Union[_struct_pb2.Struct, _Mapping]] = ..., workers: _Optional[int] = ..., batch_size: _Optional[int] = ..., precision: _Optional[str] = ..., memory_budget_bytes: _Optional[int] = ...) -> None: ...
+
+class PlanRow(_message.Message):
+    __slots__ = ("zero_stage", "activation_checkpointing", "accumulation_steps", "micro_batch_size", "parameter_bytes", "gradient_bytes", "optimizer_bytes", "activation_bytes", "total_bytes", "formula_parameter_bytes", "formula_gradient_bytes", "formula_optimizer_bytes", "step_time", "fits")
+    ZERO_STAGE_FIELD_NUMBER: _ClassVar[int]
+    ACTIVATION_CHECKPOINTING_FIELD_NUMBER: _ClassVar[int]
+    ACCUMULATION_STEPS_FIELD_NUMBER: _ClassVar[int]
+    MICRO_BATCH_SIZE_FIELD_NUMBER: _ClassVar[int]
+    PARAMETER_BYTES_FIELD_NUMBER: _ClassVar[int]
+    GRADIENT_BYTES_FIELD_NUMBER: _ClassVar[int]
+    OPTIMIZER_BYTES_FIELD_NUMBER: _ClassVar[int]
+    ACTIVATION_BYTES_FIELD_NUMBER: _ClassVar[int]
+    TOTAL_BYTES_FIELD_NUMBER: _ClassVar[int]
+    FORMULA_PARAMETER_BYTES_FIELD_NUMBER: _ClassVar[int]
+    FORMULA_GRADIENT_BYTES_FIELD_NUMBER: _ClassVar[int]
+    FORMULA_OPTIMIZER_BYTES_FIELD_NUMBER: _ClassVar[int]
+    STEP_TIME_FIELD_NUMBER: _ClassVar[int]
+    FITS_FIELD_NUMBER: _ClassVar[int]
+    zero_stage: int
+    activation_checkpointing: bool
+    accumulation_steps: int
+    micro_batch_size: int
+    parameter_bytes: int
+    gradient_bytes: int
+    optimizer_bytes: int
+    activation_bytes: int
+    total_bytes: int
+    formula_parameter_bytes: int
+    formula_gradient_bytes: int
+    formula_optimizer_bytes: int
+    step_time: float
+    fits: bool
+    def __init__(self, zero_stage: _Optional[int] = ..., activation_checkpointing: _Optional[bool] = ..., accumulation_steps: _Optional[int] = ..., micro_batch_size: _Optional[int] = ..., parameter_bytes: _Optional[int] = ..., gradient_bytes: _Optional[int] = ..., optimizer_bytes: _Optional[int] = ..., activation_bytes: _Optional[int] = ..., total_bytes: _Optional[int] = ..., formula_parameter_bytes: _Optional[int] = ..., formula_gradient_bytes: _Optional[int] = ..., formula_optimizer_bytes: _Optional[int] = ..., step_time: _Optional[float] = ..., fits: _Optional[bool] = ...) -> None: ...
+
+class PlanResponse(_message.Message):
+    __slots__ = ("parameter_count", "workers", "batch_size", "precision", "optimizer", "memory_budget_bytes", "rows", "recommended", "reason", "activation_method", "table")
+    PARAMETER_COUNT_FIELD_NUMBER: _ClassVar[int]
+    WORKERS_FIELD_NUMBER: _ClassVar[int]
+    BATCH_SIZE_FIELD_NUMBER: _ClassVar[int]
+    PRECISION_FIELD_NUMBER: _ClassVar[int]
+    OPTIMIZER_FIELD_NUMBER: _ClassVar[int]
+    MEMORY_BUDGET_BYTES_FIELD_NUMBER: _ClassVar[int]
+    ROWS_FIELD_NUMBER: _ClassVar[int]
+    RECOMMENDED_FIELD_NUMBER: _ClassVar[int]
+    REASON_FIELD_NUMBER: _ClassVar[int]
+    ACTIVATION_METHOD_FIELD_NUMBER: _ClassVar[int]
+    TABLE_FIELD_NUMBER: _ClassVar[int]
+    parameter_count: int
+    workers: int
+    batch_size: int
+    precision: str
+    optimizer: str
+    memory_budget_bytes: int
+    rows: _containers.RepeatedCompositeFieldContainer[PlanRow]
+    recommended: int
+    reason: str
+    activation_method: str
+    table: str
+    def __init__(self, parameter_count: _Optional[int] = ..., workers: _Optional[int] = ..., batch_size: _Optional[int] = ..., precision: _Optional[str] = ..., optimizer: _Optional[str] = ..., memory_budget_bytes: _Optional[int] = ..., rows: _Optional[_Iterable[_Union[PlanRow, _Mapping]]] = ..., recommended: _Optional[int] = ..., reason: _Optional[str] = ..., activation_method: _Optional[str] = ..., table: _Optional[str] = ...) -> None: ...

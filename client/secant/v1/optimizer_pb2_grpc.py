@@ -84,6 +84,11 @@ class OptimizerStub:
                 request_serializer=secant_dot_v1_dot_optimizer__pb2.GetArtifactRequest.SerializeToString,
                 response_deserializer=secant_dot_v1_dot_optimizer__pb2.Artifact.FromString,
                 _registered_method=True)
+        self.Plan = channel.unary_unary(
+                '/secant.v1.Optimizer/Plan',
+                request_serializer=secant_dot_v1_dot_optimizer__pb2.PlanRequest.SerializeToString,
+                response_deserializer=secant_dot_v1_dot_optimizer__pb2.PlanResponse.FromString,
+                _registered_method=True)
 
 
 class OptimizerServicer:
@@ -157,6 +162,15 @@ class OptimizerServicer:
         context.set_details('Method not implemented!')
         raise NotImplementedError('Method not implemented!')
 
+    def Plan(self, request, context):
+        """Plans a training job's memory before it runs: per ZeRO stage, with and without activation
+        checkpointing and gradient accumulation, the bytes one worker holds, and the configuration
+        that fits a per-worker budget at the lowest step time. Runs no job.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
 
 def add_OptimizerServicer_to_server(servicer, server):
     rpc_method_handlers = {
@@ -209,6 +223,11 @@ def add_OptimizerServicer_to_server(servicer, server):
                     servicer.GetArtifact,
                     request_deserializer=secant_dot_v1_dot_optimizer__pb2.GetArtifactRequest.FromString,
                     response_serializer=secant_dot_v1_dot_optimizer__pb2.Artifact.SerializeToString,
+            ),
+            'Plan': grpc.unary_unary_rpc_method_handler(
+                    servicer.Plan,
+                    request_deserializer=secant_dot_v1_dot_optimizer__pb2.PlanRequest.FromString,
+                    response_serializer=secant_dot_v1_dot_optimizer__pb2.PlanResponse.SerializeToString,
             ),
     }
     generic_handler = grpc.method_handlers_generic_handler(
@@ -481,6 +500,33 @@ class Optimizer:
             '/secant.v1.Optimizer/GetArtifact',
             secant_dot_v1_dot_optimizer__pb2.GetArtifactRequest.SerializeToString,
             secant_dot_v1_dot_optimizer__pb2.Artifact.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def Plan(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/secant.v1.Optimizer/Plan',
+            secant_dot_v1_dot_optimizer__pb2.PlanRequest.SerializeToString,
+            secant_dot_v1_dot_optimizer__pb2.PlanResponse.FromString,
             options,
             channel_credentials,
             insecure,
