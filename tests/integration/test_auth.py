@@ -7,11 +7,11 @@ is covered (and refused) without touching these tests."""
 from __future__ import annotations
 
 import subprocess
-import time
 
 import grpc
 import numpy as np
 import pytest
+import waiting  # tests/waiting.py
 from google.protobuf import message_factory, struct_pb2
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 
@@ -116,12 +116,9 @@ def stub_call(channel, token):
 
 def wait_for_state(channel, token, job_id, states, timeout=30.0) -> pb.Job:
     stub, md = stub_call(channel, token)
-    deadline = time.monotonic() + timeout
-    while True:
-        job = stub.GetJob(pb.GetJobRequest(job_id=job_id), metadata=md)
-        if job.state in states or time.monotonic() > deadline:
-            return job
-        time.sleep(0.02)
+    return waiting.wait_for_state(
+        lambda: stub.GetJob(pb.GetJobRequest(job_id=job_id), metadata=md), states, timeout,
+        pb.JobState.Name)
 
 
 # -- no token, bad token, no role -------------------------------------------------------------
@@ -311,7 +308,16 @@ def test_per_caller_quotas_are_resource_exhausted_with_the_numbers(make_gateway,
         assert err.value.code() == grpc.StatusCode.RESOURCE_EXHAUSTED
         for stream in streams:
             stream.cancel()
-        time.sleep(0.3)
+
+        def served():  # the slots come back once the server has seen the streams end
+            try:
+                return stub.GetJob(pb.GetJobRequest(job_id=first.job_id), metadata=alice,
+                                   timeout=10)
+            except grpc.RpcError as refused:
+                assert refused.code() == grpc.StatusCode.RESOURCE_EXHAUSTED, refused
+                return None
+
+        waiting.wait_until(served, 30, "the RPC slots of the cancelled streams to free")
 
         # An ended job gives its quota back.
         stub.CancelJob(pb.CancelJobRequest(job_id=first.job_id), metadata=alice)

@@ -9,7 +9,6 @@ import os
 import socket
 import struct
 import threading
-import time
 from collections.abc import Iterator
 
 import grpc
@@ -147,11 +146,9 @@ def test_cancel_ends_a_long_solve_promptly_with_its_last_iterate(client):
         if event.WhichOneof("kind") == "iterate":
             break  # the solve is running
 
-    started = time.monotonic()
     job.cancel()
-    result = job.result(timeout=30)
+    result = job.result(timeout=30)  # a hang guard; how prompt a cancel is: bench/guards.py
 
-    assert time.monotonic() - started < 2.0
     assert job.state == secant.JobState.CANCELLED
     assert result.status == secant.Status.CANCELLED and not result.success
     assert result.x.shape == (2000,)

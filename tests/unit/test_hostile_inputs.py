@@ -1,10 +1,10 @@
-"""Hostile expressions are rejected with ObjectiveError, quickly and without side effects."""
+"""Hostile expressions are rejected with ObjectiveError and without side effects (how fast:
+bench/guards.py, which times this corpus)."""
 
 from __future__ import annotations
 
 import random
 import sys
-import time
 from pathlib import Path
 
 import pytest
@@ -21,7 +21,6 @@ from workers.objectives import (
 )
 
 CORPUS = Path(__file__).resolve().parents[1] / "data" / "hostile_expressions.txt"
-TIME_LIMIT_S = 0.050
 
 
 def spec(name: str, tensor: torch.Tensor) -> TensorSpec:
@@ -84,7 +83,8 @@ CASES = load_corpus()
 
 @pytest.fixture(scope="module", autouse=True)
 def warm_up():
-    # The first build pays for lazy imports inside torch; time the cases, not the imports.
+    # The first build pays for lazy imports inside torch: the cases must not see them as
+    # their side effects on sys.modules.
     build_objective(kind="expression", source="sum(A @ x)", data=DATA, x0=X0)
     build_objective(kind="residual", source="A @ x - b", data=DATA, x0=X0)
     for bad in ("sum(A @ x[:2])", "x", "x[5]"):
@@ -106,15 +106,12 @@ def test_hostile_expression_is_rejected_fast_without_side_effects(
     monkeypatch.chdir(tmp_path)
     modules_before = set(sys.modules)
 
-    started = time.perf_counter()
     with pytest.raises(ObjectiveError) as caught:
         build_objective(kind=kind, source=source, data=DATA, x0=X0)
-    elapsed = time.perf_counter() - started
 
     assert type(caught.value).__name__ in ("ObjectiveError", "ExpressionError")
     assert caught.value.field == "objective.source"
     assert str(caught.value)  # a message a person can act on, never empty
-    assert elapsed < TIME_LIMIT_S, f"took {elapsed * 1000:.1f} ms"
     assert list(tmp_path.iterdir()) == []
     assert set(sys.modules) - modules_before == set()
 
@@ -124,11 +121,10 @@ def test_deep_nesting_is_refused_before_parsing_even_with_a_raised_length_limit(
     limits = ObjectiveLimits(expression=ExpressionLimits(max_source_chars=10**6))
     source = generate(generator, 100_000)
 
-    started = time.perf_counter()
-    with pytest.raises(ObjectiveError, match="nested"):
+    # only the linear bracket scan that runs before ast.parse says "brackets are nested"; the
+    # parser's own recursion limit says "too deeply nested to parse", after far more work
+    with pytest.raises(ObjectiveError, match="brackets are nested"):
         build_objective(kind="expression", source=source, data=DATA, x0=X0, limits=limits)
-
-    assert time.perf_counter() - started < TIME_LIMIT_S
 
 
 def test_oversized_intermediate_is_refused_before_allocating():

@@ -3,7 +3,6 @@ round-trip, full-batch L-BFGS matches scipy's L-BFGS-B on the same flattened pro
 
 from __future__ import annotations
 
-import numpy as np
 import pytest
 import scipy.optimize
 import torch
@@ -47,7 +46,8 @@ def test_every_optimizer_lowers_the_training_loss(digits, optimizer):
     initial = train({**spec, "steps": 0, "optimizer": {"name": "sgd"}}, X, y)
     result = train(spec, X, y)
     assert result.metrics["train_loss"] < 0.7 * initial.metrics["train_loss"]
-    assert 0.0 <= result.metrics["val_accuracy"] <= 1.0
+    # chance is 0.1 and the untrained net scores 0.075; the weakest of these reaches ~0.79
+    assert initial.metrics["val_accuracy"] < 0.2 < 0.6 < result.metrics["val_accuracy"] <= 1.0
 
 
 def test_steps_stream_contiguously_with_their_metrics(digits):
@@ -95,9 +95,16 @@ def test_transformer_trains_on_token_sequences():
     tokens = torch.randint(0, 8, (64, 9), generator=generator)
     model = {"kind": "transformer", "vocab": 8, "context": 8, "width": 16, "layers": 1,
              "heads": 2}
-    result = train({"model": model, "optimizer": {"name": "kfac", "lr": 0.05}, "steps": 5,
-                    "batch_size": 16}, tokens[:, :-1], tokens[:, 1:])
-    assert np.isfinite(result.metrics["train_loss"])
+    spec = {"model": model, "optimizer": {"name": "kfac", "lr": 0.05}, "steps": 20,
+            "batch_size": 16}
+    initial = train({**spec, "steps": 0}, tokens[:, :-1], tokens[:, 1:])
+    result = train(spec, tokens[:, :-1], tokens[:, 1:])
+    # 20 K-FAC steps take the loss from 2.30 (uniform over 8 tokens) to 1.89
+    assert result.metrics["train_loss"] < 0.9 * initial.metrics["train_loss"]
+    # accuracy is per predicted token: it once counted tokens over sequences and passed 1
+    for metrics in (initial.metrics, result.metrics):
+        assert 0.0 <= metrics["train_accuracy"] <= 1.0 and 0.0 <= metrics["val_accuracy"] <= 1.0
+    assert result.metrics["train_accuracy"] > initial.metrics["train_accuracy"]
 
 
 @pytest.mark.parametrize(("spec", "field"), [

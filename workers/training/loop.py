@@ -353,7 +353,7 @@ def evaluate(model: nn.Module, loss_name: str, X: Tensor, y: Tensor,
     was_training = model.training
     model.eval()
     loss_fn = loss_function(loss_name)
-    total_loss, correct, count = 0.0, 0, 0
+    total_loss, correct, count, predictions = 0.0, 0, 0, 0
     classification = loss_name == "cross_entropy" or (loss_name == "bce" and y.dim() == 1)
     for start in range(0, X.shape[0], batch_size):
         xb, yb = X[start:start + batch_size], y[start:start + batch_size]
@@ -364,10 +364,11 @@ def evaluate(model: nn.Module, loss_name: str, X: Tensor, y: Tensor,
         elif classification:
             correct += int(((output.reshape(-1) > 0).to(yb.dtype) == yb).sum())
         count += xb.shape[0]
+        predictions += yb.numel()  # a sequence model predicts every token, not one per row
     model.train(was_training)
     metrics = {"loss": total_loss / max(count, 1)}
     if classification:
-        metrics["accuracy"] = correct / max(count, 1)
+        metrics["accuracy"] = correct / max(predictions, 1)
     return metrics
 
 
