@@ -51,7 +51,8 @@ consolidate_state_dict(to=0); stage 3: torch.distributed.checkpoint's full optim
 dict, re-keyed by parameter index), both collective; `load_full_optimizer_state_dict` puts a
 whole state back, each rank keeping its shard.
 
-Private / experimental torch surface relied on (re-check on a torch upgrade):
+Private / experimental torch surface relied on (re-check on a torch upgrade; the private
+attributes are reached only through _torch_internals.py, whose test fails when one moves):
 torch._C._current_graph_task_id() (stage 2's per-backward state, stage 3's deferred
 reduce-scatters, no forward prefetch inside backward);
 torch.autograd.Variable._execution_engine.queue_callback (the end-of-backward callbacks;
@@ -87,6 +88,14 @@ from torch import nn
 from torch.distributed.optim import ZeroRedundancyOptimizer
 from torch.nn.parallel import DistributedDataParallel
 from torch.optim import Optimizer
+
+from ._torch_internals import (
+    current_graph_task_id,
+    fsdp_has_all_reduce_hook,
+    has_post_accumulate_grad_hook,
+    queue_end_of_backward_callback,
+    zero_parameter_owners,
+)
 
 OptimizerFactory = Callable[[Iterable[Any]], Optimizer]
 
@@ -286,12 +295,7 @@ class _ReduceToOwner:
         self.group = group
         self.world = dist.get_world_size(group)
         rank = dist.get_rank(group)
-        owner = {
-            p: r
-            for r, groups in enumerate(optimizer._partition_parameters())
-            for g in groups
-            for p in g["params"]
-        }
+        owner = zero_parameter_owners(optimizer)
         self.params = list(reversed(params))
         self.dst = [dist.get_global_rank(group, owner[p]) for p in self.params]
         self.mine = [owner[p] == rank for p in self.params]
@@ -315,7 +319,7 @@ class _ReduceToOwner:
         self.handles = []
 
     def _before_accumulate(self, i: int, grad: torch.Tensor) -> None:
-        if self.graph_task not in (-1, torch._C._current_graph_task_id()):
+        if self.graph_task not in (-1, current_graph_task_id()):
             self._drop_stale()
         p = self.params[i]
         if p.grad is not None:
@@ -325,11 +329,11 @@ class _ReduceToOwner:
     def _after_accumulate(self, i: int, p: nn.Parameter) -> None:
         if p.grad is None:  # the tensor hook and this one run in pairs; be safe
             return
-        task = torch._C._current_graph_task_id()
+        task = current_graph_task_id()
         if task != self.graph_task:
             if self.graph_task != -1:
                 self._drop_stale()
-            torch.autograd.Variable._execution_engine.queue_callback(self._finish)
+            queue_end_of_backward_callback(self._finish)
             self.graph_task = task
         if self.world > 1:
             p.grad.div_(self.world)
@@ -561,13 +565,13 @@ class _InFlight:
         self.graph_task = -1  # the backward whose callback will finish `pending`
 
     def add(self, reduce: _Reduce) -> None:
-        task = torch._C._current_graph_task_id()
+        task = current_graph_task_id()
         if task != self.graph_task:
             self.finish_all()  # a backward that raised left them (or none are pending)
             if task == -1:  # not inside backward: nothing would finish it later
                 reduce.finish()
                 return
-            torch.autograd.Variable._execution_engine.queue_callback(self.finish_all)
+            queue_end_of_backward_callback(self.finish_all)
             self.graph_task = task
         while self.pending:
             self.pending.popleft().finish()
@@ -618,18 +622,15 @@ class _P2PReduceScatter:
             and all(
                 p.grad is None
                 and p.dtype == dtype
-                and not getattr(p, "_post_accumulate_grad_hooks", None)
+                and not has_post_accumulate_grad_hook(p)
                 for p in self.params
             )
         )
 
     def _has_all_reduce_hook(self) -> bool:
         module = self.module()
-        state = module._get_fsdp_state() if module is not None else None
-        groups = getattr(state, "_fsdp_param_groups", None)
-        if groups is None:  # FSDP2's layout changed: cannot tell, so do not defer
-            return True
-        return any(getattr(g, "_all_reduce_hook", None) is not None for g in groups)
+        hooked = fsdp_has_all_reduce_hook(module) if module is not None else None
+        return True if hooked is None else hooked  # cannot tell: do not defer
 
     def __call__(self, output_tensor, input_tensor, group, op, async_op: bool = False):
         if op not in (dist.ReduceOp.SUM, dist.ReduceOp.AVG):
@@ -686,7 +687,7 @@ class _ForwardPrefetch:
 
 
 def _prefetch_outside_backward(following: list[nn.Module], unit: nn.Module, *_: Any) -> None:
-    inside_backward = torch._C._current_graph_task_id() != -1
+    inside_backward = current_graph_task_id() != -1
     unit.set_modules_to_forward_prefetch([] if inside_backward else following)
 
 
